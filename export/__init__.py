@@ -1,0 +1,1 @@
+"""Export stage: ONNX, TensorRT engines, Triton model repositories."""

@@ -1,0 +1,1 @@
+"""Serving stage: FastAPI gateway, Triton client, detection/alignment, gallery. Never imports torch."""

@@ -1,0 +1,1 @@
+"""Training stage: IResNet backbones, margin heads, closeness/diversity losses, soft mining, trainer."""
