@@ -1,0 +1,1 @@
+"""Training data: identity folders, InsightFace RecordIO, synthetic identities, samplers."""

@@ -1,0 +1,1 @@
+"""Evaluation: verification benchmarks, TAR@FAR, IJB-style templates, plots."""
