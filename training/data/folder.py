@@ -1,0 +1,81 @@
+"""Identity-per-folder image trees (``root/<identity>/<image>.jpg|png``) and the one image decoder.
+
+Identities are sorted by folder name and numbered 0..C-1; images inside an identity are sorted by
+file name, so a tree always opens to the same sample order.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cdface.errors import CdfaceError
+from cdface.face import INPUT_SIZE
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def decode_image(data: bytes, source: str, size: int = INPUT_SIZE) -> np.ndarray:
+    """Encoded JPEG/PNG bytes -> uint8 [size, size, 3] RGB; other sizes are resized (bilinear).
+
+    ``source`` names the image in the error message (a path, a record key, a .bin index).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(image, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise CdfaceError(f"cannot decode image {source}: {exc}.") from exc
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """The file list of an identity-per-folder tree; images are read on demand."""
+
+    root: Path
+    identities: list[str]  # label -> folder name
+    paths: list[Path]  # sample -> file
+    labels: np.ndarray  # int64, sample -> label
+
+    def read_bytes(self, index: int) -> bytes:
+        path = self.paths[index]
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise CdfaceError(f"cannot read image {path}: {exc.strerror or exc}.") from exc
+
+    def read_image(self, index: int) -> np.ndarray:
+        return decode_image(self.read_bytes(index), str(self.paths[index]))
+
+
+def _is_image(entry: os.DirEntry) -> bool:
+    return not entry.name.startswith(".") and entry.name.lower().endswith(IMAGE_SUFFIXES) and entry.is_file()
+
+
+def scan_image_folder(root: str | os.PathLike) -> ImageFolder:
+    """List ``root/<identity>/<image>``; errors name the empty root or the empty identity folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CdfaceError(f"image folder {root} does not exist or is not a directory.")
+    identities = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not identities:
+        raise CdfaceError(f"image folder {root} has no identity sub-folders (expected root/<identity>/<image>.jpg).")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(identities):
+        with os.scandir(root / name) as entries:
+            files = sorted(e.name for e in entries if _is_image(e))
+        if not files:
+            raise CdfaceError(f"identity folder {root / name} holds no .jpg/.jpeg/.png images.")
+        paths.extend(root / name / f for f in files)
+        labels.extend([label] * len(files))
+    return ImageFolder(root, identities, paths, np.asarray(labels, dtype=np.int64))
