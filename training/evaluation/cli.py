@@ -41,14 +41,14 @@ def _percent(value: float | None) -> str:
 
 
 def _print_evaluation(evaluation: dict[str, Any]) -> None:
-    parts = [f"{evaluation['dataset']}:"]
+    parts = []
     if "accuracy" in evaluation:
         parts.append(f"accuracy {_percent(evaluation['accuracy'])} +- {_percent(evaluation['accuracy_std'])}")
     for key in sorted(k for k in evaluation if k.startswith("rank")):
         parts.append(f"{key} {_percent(evaluation[key])}")
     for far, point in evaluation.get("tar_at_far", {}).items():
         parts.append(f"TAR@FAR={far} {_percent(point['tar'] if point else None)}")
-    typer.echo("  ".join(parts))
+    typer.echo(f"{evaluation['dataset']}: " + "  ".join(parts))
 
 
 def _finish(model: Path, evaluations: list[dict[str, Any]], out: Optional[Path], plots: Optional[Path]) -> None:
