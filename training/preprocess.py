@@ -11,4 +11,6 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 [N, H, W, 3] RGB -> float32 [N, 3, H, W] scaled to [-1, 1]."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 [N, H, W, 3] RGB images, got {images.dtype} {tuple(images.shape)}")
-    return (images.permute(0, 3, 1, 2).float() - PIXEL_MEAN) / PIXEL_STD
+    # contiguous(): the permuted view has channels-last strides, and on CPU (torch 2.13) the
+    # backward of a strided 1x1 convolution in that layout crashes the process.
+    return ((images.permute(0, 3, 1, 2).float() - PIXEL_MEAN) / PIXEL_STD).contiguous()

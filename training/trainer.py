@@ -163,6 +163,9 @@ class Trainer:
                            num_hard_negatives=cfg.head.num_hard_negatives)
         self.model = FaceModel(backbone, head).to(env.device)
         self.channels_last = run.channels_last if run.channels_last is not None else env.device.type == "cuda"
+        if self.channels_last and env.device.type != "cuda":
+            raise CdfaceError("run.channels_last is for CUDA: on CPU, torch 2.13 crashes in the backward of a "
+                              "strided 1x1 convolution in that layout")
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
@@ -326,22 +329,26 @@ class Trainer:
                        desc=f"{cfg.run.stage} {cfg.model.backbone}")
         evaluation: dict = {}
         loader = self.loader()
-        window_start, window_images = time.perf_counter(), 0
+        window_start, window_images, window = time.perf_counter(), 0, {}
         try:
             while self.step < total and self.epoch < cfg.epochs:
                 self.sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
                 self.model.train()
                 for images, labels, indices in loader:
-                    values = self.train_step(images, labels, indices)
+                    for key, value in self.train_step(images, labels, indices).items():
+                        total_, count_ = window.get(key, (0.0, 0))
+                        window[key] = (total_ + value, count_ + 1)
                     self.batch_in_epoch += 1
                     window_images += images.shape[0] * env.world_size
                     if self.batch_in_epoch == self.steps_per_epoch:
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     if self.step % cfg.run.log_every == 0 or self.step == total:
+                        # Means over the window: RRB losses exist only on every interval-th step.
                         elapsed = time.perf_counter() - window_start
+                        values = {key: total_ / count_ for key, (total_, count_) in window.items()}
                         values.update(lr=self.scheduler.get_last_lr()[0], epoch=self.epoch,
                                       images_per_s=window_images / max(elapsed, 1e-9))
-                        window_start, window_images = time.perf_counter(), 0
+                        window_start, window_images, window = time.perf_counter(), 0, {}
                         if metrics:
                             metrics.log(self.step, values)
                         if bar is not None:
@@ -377,7 +384,9 @@ class Trainer:
         report = evaluate(self.model.backbone)
         self.model.train()
         if metrics:
-            metrics.log(self.step, {k: v for k, v in report.items() if isinstance(v, (int, float))}, kind="eval")
+            flat = {f"{r['dataset']}/{r['metric']}": r["value"] for r in report.get("results", [])
+                    if isinstance(r.get("value"), (int, float))}
+            metrics.log(self.step, flat, kind="eval")
         return report
 
 
