@@ -267,7 +267,9 @@ def _by_hand(images: np.ndarray, *, layout: Layout, order: ChannelOrder, mean, s
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    cos = (a * b).sum(1) / (na * nb + 1e-30)
+    cos = np.where((na < 1e-6) & (nb < 1e-6), 1.0, cos)  # both zero (a bias-free model on black): agreement
     return np.where(np.isfinite(cos), cos, -1.0)
 
 
