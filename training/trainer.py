@@ -175,10 +175,7 @@ class Trainer:
                                          momentum=cfg.optim.momentum)
         self.sampler = EpochBatchSampler(len(self.dataset), self.local_batch, env.world_size, env.rank,
                                          seed=run.seed, flip=cfg.data.flip, drop_last=True)
-        self.steps_per_epoch = len(self.sampler)
-        if self.steps_per_epoch == 0:
-            raise CdfaceError(f"the dataset ({len(self.dataset)} samples) is smaller than one global batch "
-                              f"({cfg.optim.batch_size})")
+        self.steps_per_epoch = len(self.sampler)  # the sampler refuses a dataset smaller than one batch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler("cuda", enabled=run.amp == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.amp)
