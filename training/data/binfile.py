@@ -46,10 +46,14 @@ _ALLOWED_GLOBALS = {
 }
 
 
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
 class _VerificationUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a verification .bin")
+            raise _ForbiddenGlobal(f"global '{module}.{name}' is not allowed in a verification .bin")
         return super().find_class(module, name)
 
 
@@ -72,7 +76,7 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
         raise CdfaceError(f"cannot read verification file {path}: {exc.strerror or exc}.") from exc
     try:
         loaded = _VerificationUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
+    except _ForbiddenGlobal as exc:
         raise CdfaceError(f"{path} is not a safe verification .bin: {exc}.") from exc
     except Exception as exc:  # truncated or garbled pickles raise a zoo of types
         raise CdfaceError(f"{path} is not a readable verification .bin ({type(exc).__name__}: {exc}).") from exc

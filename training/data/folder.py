@@ -32,7 +32,7 @@ def decode_image(data: bytes, source: str, size: int = INPUT_SIZE) -> np.ndarray
                 image = image.convert("RGB")
             if image.size != (size, size):
                 image = image.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
+            return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy wants one
     except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise CdfaceError(f"cannot decode image {source}: {exc}.") from exc
 
