@@ -4,6 +4,7 @@
     cdface eval pairs MODEL pairs.csv
     cdface eval ijb MODEL --images DIR --meta ijbc_face_tid_mid.txt --pairs ijbc_template_pair_label.txt
     cdface eval rank MODEL ROOT
+    cdface eval gradients OUT.png      (the method's similarity-gradient figure)
 
 Heavy imports (torch, onnxruntime, matplotlib) happen inside the commands so ``cdface --help`` stays fast.
 Errors are raised as ``CdfaceError``; the root CLI prints them as one line and exits 2.
@@ -68,8 +69,8 @@ def _finish(model: Path, evaluations: list[dict[str, Any]], out: Optional[Path],
 
 @app.command("bin")
 def bin_command(
-    model: Path = typer.Argument(..., help=_MODEL_HELP),
-    bins: list[Path] = typer.Argument(..., help="verification .bin files (LFW, CFP-FP, AgeDB-30, ...)"),
+    model: Path = typer.Argument(..., metavar="MODEL", help=_MODEL_HELP),
+    bins: list[Path] = typer.Argument(..., metavar="BIN", help="verification .bin files (LFW, CFP-FP, AgeDB-30, ...)"),
     flip: bool = _FLIP,
     out: Optional[Path] = _OUT,
     plots: Optional[Path] = _PLOTS,
@@ -88,7 +89,7 @@ def bin_command(
 
 @app.command("pairs")
 def pairs_command(
-    model: Path = typer.Argument(..., help=_MODEL_HELP),
+    model: Path = typer.Argument(..., metavar="MODEL", help=_MODEL_HELP),
     csv_path: Path = typer.Argument(..., metavar="CSV", help="path1,path2,label rows over aligned 112x112 crops"),
     flip: bool = _FLIP,
     out: Optional[Path] = _OUT,
@@ -107,7 +108,7 @@ def pairs_command(
 
 @app.command("ijb")
 def ijb_command(
-    model: Path = typer.Argument(..., help=_MODEL_HELP),
+    model: Path = typer.Argument(..., metavar="MODEL", help=_MODEL_HELP),
     images: Path = typer.Option(..., "--images", help="folder of aligned 112x112 crops named as in --meta"),
     meta: Path = typer.Option(..., "--meta", help="*_face_tid_mid.txt: image_name template_id media_id"),
     pairs: Path = typer.Option(..., "--pairs", help="*_template_pair_label.txt: t1 t2 label"),
@@ -132,8 +133,8 @@ def ijb_command(
 
 @app.command("rank")
 def rank_command(
-    model: Path = typer.Argument(..., help=_MODEL_HELP),
-    root: Path = typer.Argument(..., help="root/<identity>/*.jpg, aligned 112x112 crops"),
+    model: Path = typer.Argument(..., metavar="MODEL", help=_MODEL_HELP),
+    root: Path = typer.Argument(..., metavar="ROOT", help="root/<identity>/*.jpg, aligned 112x112 crops"),
     flip: bool = _FLIP,
     out: Optional[Path] = _OUT,
     device: str = _DEVICE,
@@ -146,3 +147,13 @@ def rank_command(
     embedder = _open(model, device, batch_size)
     evaluation = evaluate_rank(embedder, root, flip=flip, batch_size=batch_size, progress=True)
     _finish(model, [evaluation], out, None)
+
+
+@app.command("gradients")
+def gradients_command(
+    out: Path = typer.Argument(Path("similarity_gradients.png"), metavar="OUT.png", help="where to write the PNG"),
+) -> None:
+    """Plot ||dS/dx|| against the angle for d1, d2, d3 and the truncated d3 of the diversity loss."""
+    from training.evaluation.plots import plot_similarity_gradients
+
+    typer.echo(f"plot: {plot_similarity_gradients(out)}")

@@ -102,10 +102,10 @@ class OnnxEmbedder:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         _check_images(images)
-        outputs = [
-            self.session.run(["embedding"], {"images": np.ascontiguousarray(images[start : start + self.batch_size])})[0]
-            for start in range(0, images.shape[0], self.batch_size)
-        ]
+        outputs = []
+        for start in range(0, images.shape[0], self.batch_size):
+            batch = np.ascontiguousarray(images[start : start + self.batch_size])
+            outputs.append(self.session.run(["embedding"], {"images": batch})[0])
         if not outputs:
             return np.zeros((0, 0), dtype=np.float32)
         return np.concatenate(outputs).astype(np.float32, copy=False)
