@@ -23,7 +23,6 @@ stay on disk, and the config's ``version_policy`` decides which of them Triton s
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -334,50 +333,30 @@ def _onnx_embedding_size(onnx_path: Path) -> int | None:
     return out_dims[1] if isinstance(out_dims[1], int) and out_dims[1] > 0 else None
 
 
-def _manifest_embedding_size(manifest: dict) -> int | None:
-    # The manifest's field for D; older or wrapped manifests may nest it under "model".
-    for holder in (manifest, manifest.get("model") or {}):
-        for key in ("embedding_size", "embedding_dim"):
-            if isinstance(holder.get(key), int):
-                return holder[key]
-    return None
-
-
-def _check_sha256(path: Path, expected: str | None, manifest_path: Path) -> None:
-    # The manifest describes one exact file; serving a different one under it would be a silent lie.
-    if not expected:
-        return
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
-        raise CdfaceError(f"{path} does not match the onnx_sha256 in {manifest_path}; re-export the model.")
-
-
 def _read_export(export_dir: Path, backend: str) -> tuple[dict, list[Path], int]:
-    """(manifest, files to copy into the version directory, D) for one exported model."""
+    """(manifest, files to copy into the version directory, D) for one exported model.
+
+    The manifest is validated (``cdface.manifest``) and the ONNX file must be the one it describes:
+    the repository serves only what the manifest vouches for.
+    """
+    from cdface.manifest import read_manifest, verify_onnx_hash
+
     if not export_dir.is_dir():
         raise CdfaceError(f"export directory {export_dir} does not exist.")
     manifest_path = export_dir / MANIFEST_FILE
-    if not manifest_path.exists():
-        raise CdfaceError(f"{export_dir} has no {MANIFEST_FILE}; export the model with `cdface export onnx` first.")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except ValueError as exc:
-        raise CdfaceError(f"{manifest_path} is not valid JSON: {exc}.") from None
+    manifest = read_manifest(manifest_path)
+    if manifest.onnx_file != "model.onnx":
+        # Triton and model.py look for model.onnx; a renamed file would need per-version config.
+        raise CdfaceError(f"{manifest_path} names ONNX file {manifest.onnx_file!r}; Triton repositories need model.onnx.")
 
     files = [manifest_path]
-    onnx_path = export_dir / "model.onnx"
-    size = _manifest_embedding_size(manifest)
+    onnx_path = export_dir / manifest.onnx_file
     if backend in ("onnxruntime_onnx", "python"):
-        if not onnx_path.exists():
-            raise CdfaceError(f"{export_dir} has no model.onnx for the {backend} backend.")
-        _check_sha256(onnx_path, manifest.get("onnx_sha256"), manifest_path)
+        verify_onnx_hash(manifest, onnx_path)
         onnx_size = _onnx_embedding_size(onnx_path)
-        if size is not None and onnx_size is not None and size != onnx_size:
-            raise CdfaceError(f"{manifest_path} says embedding size {size} but model.onnx outputs {onnx_size}.")
-        size = size or onnx_size
+        if onnx_size is not None and onnx_size != manifest.embedding_size:
+            raise CdfaceError(f"{manifest_path} says embedding size {manifest.embedding_size} but "
+                              f"{onnx_path.name} outputs {onnx_size}.")
         files.append(onnx_path)
         # Large graphs keep their weights beside the .onnx file; they must travel with it.
         files += sorted(p for p in export_dir.glob("model.onnx.data*") if p.is_file())
@@ -388,11 +367,7 @@ def _read_export(export_dir: Path, backend: str) -> tuple[dict, list[Path], int]
         if not plan.exists():
             raise CdfaceError(f"{export_dir} has no model.plan; build a TensorRT engine before using tensorrt_plan.")
         files.append(plan)
-        if size is None and onnx_path.exists():
-            size = _onnx_embedding_size(onnx_path)
-    if size is None:
-        raise CdfaceError(f"{manifest_path} does not say the embedding size, and there is no ONNX file to read it from.")
-    return manifest, files, size
+    return json.loads(manifest_path.read_text()), files, manifest.embedding_size
 
 
 def _copy_version(files: list[Path], model_dir: Path, version: int) -> Path:

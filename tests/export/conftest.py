@@ -7,7 +7,6 @@ to two minutes), later runs reuse it and the server itself starts in a few secon
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -31,48 +30,23 @@ class ExportedModel:
 
 
 def _export_small_model(out_dir: Path, seed: int, version: int = 1) -> ExportedModel:
-    """IR-18 at 1/8 width, uint8 NHWC in, L2-normalised embedding out: the ONNX contract, quick on CPU."""
+    """IR-18 at 1/8 width through the real exporter: a checkpoint -> model.onnx + manifest.json, quick on CPU."""
     import torch
-    import torch.nn.functional as F
 
+    from export.onnx_export import EmbeddingModel, export_checkpoint
     from training.backbones import create_backbone
-    from training.preprocess import to_model_input
-
-    class Embedder(torch.nn.Module):
-        def __init__(self, backbone):
-            super().__init__()
-            self.backbone = backbone
-
-        def forward(self, images):
-            return F.normalize(self.backbone(to_model_input(images)), dim=1)
+    from training.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
-    module = Embedder(create_backbone("ir18", width=0.125)).eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / "model.onnx"
-    example = torch.zeros(2, 112, 112, 3, dtype=torch.uint8)
+    spec = {"name": "ir18", "kwargs": {"width": 0.125}}
+    backbone = create_backbone(spec["name"], **spec["kwargs"]).eval()
+    checkpoint = out_dir.parent / f"{out_dir.name}.pt"
+    save_checkpoint(checkpoint, {"backbone": spec, "model": backbone.state_dict()})
     with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated and the input check traces as a constant; both are fine here.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(onnx_path), input_names=["images"], output_names=["embedding"],
-                          dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
-    with torch.no_grad():
-        dim = int(module(example).shape[1])
-    manifest = {
-        "format": "cdface-model/1",
-        "name": "test-face",
-        "version": version,
-        "backbone": "ir18",
-        "embedding_size": dim,
-        "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "shape": [-1, 112, 112, 3],
-                  "pixel_format": "RGB"},
-        "output": {"name": "embedding", "dtype": "float32", "shape": [-1, dim], "l2_normalised": True},
-        "onnx_file": "model.onnx",
-        "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
-    }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return ExportedModel(out_dir, manifest, module)
+        warnings.simplefilter("ignore")  # exporter deprecation chatter
+        result = export_checkpoint(checkpoint, out_dir, name="test-face", version=version)
+    manifest = json.loads(result.manifest_path.read_text())
+    return ExportedModel(out_dir, manifest, EmbeddingModel(backbone).eval())
 
 
 @pytest.fixture(scope="session")

@@ -159,15 +159,22 @@ def test_exports_that_break_the_contract_are_refused(tmp_path, exported_model):
     shutil.copytree(exported_model.dir, tampered)
     with open(tampered / "model.onnx", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(CdfaceError, match="onnx_sha256"):
+    with pytest.raises(CdfaceError, match="does not match its manifest"):
         add_model_version(repo, "face", tampered)
+
+    unvouched = tmp_path / "unvouched"
+    shutil.copytree(exported_model.dir, unvouched)
+    (unvouched / "manifest.json").write_text(json.dumps({"name": "face"}))
+    with pytest.raises(CdfaceError, match="manifest .* is invalid"):
+        add_model_version(repo, "face", unvouched)
 
     wrong_size = tmp_path / "wrong-size"
     shutil.copytree(exported_model.dir, wrong_size)
     manifest = json.loads((wrong_size / "manifest.json").read_text())
-    (wrong_size / "manifest.json").write_text(json.dumps({**manifest, "embedding_size": 7}))
+    manifest.update(embedding_size=7, output={**manifest["output"], "shape": [-1, 7]})
+    (wrong_size / "manifest.json").write_text(json.dumps(manifest))
     add_model_version(repo, "face", exported_model.dir)
-    with pytest.raises(CdfaceError, match="512-d"):
+    with pytest.raises(CdfaceError, match="embedding size 7|outputs 7-d"):
         add_model_version(repo, "face", wrong_size)
     assert list_versions(repo, "face") == [1]
 
