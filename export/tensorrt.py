@@ -298,7 +298,8 @@ def build_engine(
     config.add_optimization_profile(opt_profile)
 
     if precision in ("fp16", "int8"):
-        if not builder.platform_has_fast_fp16:
+        # Deprecated in TensorRT 10 (every supported GPU has fast FP16); still checked where it exists.
+        if getattr(builder, "platform_has_fast_fp16", True) is False:
             raise CdfaceError("this GPU has no fast FP16; build with --precision fp32")
         config.set_flag(trt.BuilderFlag.FP16)  # INT8 engines fall back to FP16, not FP32, where INT8 cannot run
     if precision == "int8":
