@@ -89,7 +89,8 @@ def check_batch(count: int = 8, seed: int = 0, size: int = INPUT_SIZE) -> np.nda
 
 
 def _onnx_to_proto(module: nn.Module, opset: int):
-    example = torch.from_numpy(check_batch(2 + 1)[:2])  # batch 2: a batch of 1 would specialise the dimension
+    # An example batch of 2: with 1, torch.export would specialise the batch dimension to a constant.
+    example = torch.zeros((2, INPUT_SIZE, INPUT_SIZE, 3), dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
     # The exporter logs its progress and warns about torchvision ops we never use; keep the CLI quiet.
     for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
