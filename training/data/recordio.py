@@ -142,8 +142,11 @@ class RecordIOReader:
                 f"{offsets[k]}, beyond the end of the {self.file_size}-byte file."
             )
         self.keys = keys
-        self._offset_of = dict(zip(keys.tolist(), offsets.tolist()))
-        if len(self._offset_of) != len(keys):
+        # Sorted numpy arrays rather than a dict: millions of keys stay compact, and forked
+        # DataLoader workers share them instead of copying pages touched by refcounting.
+        order = np.argsort(keys, kind="stable")
+        self._sorted_keys, self._sorted_offsets = keys[order], offsets[order]
+        if len(keys) > 1 and (np.diff(self._sorted_keys) == 0).any():
             raise CdfaceError(f"RecordIO index {self.idx_path} lists a key more than once.")
         self._fd: int | None = None
         self._fd_pid = -1
@@ -169,12 +172,23 @@ class RecordIOReader:
         with contextlib.suppress(Exception):
             self.close()
 
+    def _positions(self, keys: np.ndarray) -> np.ndarray:
+        """Positions of ``keys`` in the sorted index; raises for a key the index lacks."""
+        positions = np.searchsorted(self._sorted_keys, keys)
+        found = positions < len(self._sorted_keys)
+        found[found] = self._sorted_keys[positions[found]] == keys[found]
+        if not found.all():
+            missing = int(keys[np.flatnonzero(~found)[0]])
+            raise CdfaceError(f"key {missing} is not in RecordIO index {self.idx_path}.")
+        return positions
+
+    def __contains__(self, key: int) -> bool:
+        position = int(np.searchsorted(self._sorted_keys, key))
+        return position < len(self._sorted_keys) and int(self._sorted_keys[position]) == int(key)
+
     # -- reading -----------------------------------------------------------------------------
     def offset(self, key: int) -> int:
-        try:
-            return self._offset_of[int(key)]
-        except KeyError:
-            raise CdfaceError(f"key {key} is not in RecordIO index {self.idx_path}.") from None
+        return int(self._sorted_offsets[self._positions(np.array([int(key)], dtype=np.int64))[0]])
 
     def _read_chunk(self, offset: int, key: int) -> tuple[int, bytes, int]:
         """(continuation flag, bytes, offset of the next chunk) for the chunk at ``offset``."""
@@ -222,11 +236,11 @@ class RecordIOReader:
     def read_labels(self, keys: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
         """float32 first label of each record, read from the headers only (no image bytes).
 
-        Vectorised over a memory map, which also checks every record's magic word and length:
-        this is how a dataset of millions of records opens in seconds.
+        Vectorised over a memory map; it also checks every record's magic word and length, so a
+        mismatched ``.idx`` or a truncated ``.rec`` is found when a dataset opens.
         """
         keys = np.asarray(keys, dtype=np.int64)
-        offsets = np.fromiter((self.offset(k) for k in keys.tolist()), dtype=np.int64, count=len(keys))
+        offsets = self._sorted_offsets[self._positions(keys)]
         labels = np.empty(len(keys), dtype=np.float32)
         if len(keys) == 0:
             return labels
@@ -283,7 +297,7 @@ class RecordIOLayout:
 
 def read_layout(reader: RecordIOReader) -> RecordIOLayout:
     """Detect the InsightFace header record (key 0, flag 2), else treat every key as an image."""
-    if 0 in reader._offset_of:
+    if 0 in reader:
         header = reader.read_header(0)
         if header.flag == 2:
             identity_start, identity_end = (int(round(float(v))) for v in header.label)
@@ -293,7 +307,7 @@ def read_layout(reader: RecordIOReader) -> RecordIOLayout:
                 )
             image_keys = np.arange(1, identity_start, dtype=np.int64)
             for key in (image_keys[:1].tolist() + image_keys[-1:].tolist()):
-                if key not in reader._offset_of:
+                if key not in reader:
                     raise CdfaceError(
                         f"RecordIO index {reader.idx_path} lacks image key {key}, which the header record of "
                         f"{reader.rec_path} announces."
@@ -310,6 +324,16 @@ def read_identity_ranges(reader: RecordIOReader, layout: RecordIOLayout) -> np.n
     return np.round(np.array(ranges, dtype=np.float64)).astype(np.int64).reshape(-1, 2)
 
 
+def _current_umask() -> int:
+    try:  # Linux reports it without the set-and-restore race of os.umask
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 class RecordIOWriter:
     """Writes an indexed RecordIO pair atomically: both files appear (renamed) only on ``close()``.
 
@@ -322,6 +346,8 @@ class RecordIOWriter:
         self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
         self.rec_path.parent.mkdir(parents=True, exist_ok=True)
         fd, self._rec_tmp = tempfile.mkstemp(prefix=f".{self.rec_path.name}.", suffix=".tmp", dir=self.rec_path.parent)
+        # mkstemp makes the file 0600; a dataset is read by other users and by training jobs.
+        os.fchmod(fd, 0o666 & ~_current_umask())
         self._rec = os.fdopen(fd, "wb")
         self._offsets: dict[int, int] = {}
         self._reserved: dict[int, int] = {}

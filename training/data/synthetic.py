@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageFilter
 
-from cdface.atomic import atomic_write_bytes, atomic_write_text
+from cdface.atomic import atomic_write_text
 from cdface.errors import CdfaceError
 from cdface.face import INPUT_SIZE
 from training.data.binfile import write_bin
@@ -477,15 +477,11 @@ def identity_of(seed: int, identity: int, role: int = TRAIN_ROLE) -> FaceIdentit
 
 
 def render_sample(
-    seed: int, identity: FaceIdentity | int, sample: int, hard: bool, difficulty: float = 1.0, role: int = TRAIN_ROLE
+    seed: int, identity: int, sample: int, hard: bool, difficulty: float = 1.0, role: int = TRAIN_ROLE
 ) -> np.ndarray:
-    """Sample ``sample`` of an identity (an index, or parameters already drawn for ``identity_id``)."""
-    if isinstance(identity, (int, np.integer)):
-        identity_id, identity = int(identity), identity_of(seed, int(identity), role)
-    else:
-        raise TypeError("render_sample needs the identity index; use render_face for ready-made parameters")
-    rng = np.random.default_rng([seed, role, _SAMPLE_STREAM, identity_id, sample])
-    return render_face(identity, random_nuisance(rng, hard, difficulty))
+    """Sample ``sample`` of identity ``identity``: the same pixels whatever else is rendered."""
+    rng = np.random.default_rng([seed, role, _SAMPLE_STREAM, identity, sample])
+    return render_face(identity_of(seed, identity, role), random_nuisance(rng, hard, difficulty))
 
 
 def hard_sample_mask(seed: int, num_samples: int, hard_share: float, role: int = TRAIN_ROLE) -> np.ndarray:
@@ -538,14 +534,21 @@ def _write_manifest(out: Path, spec: SyntheticSpec, data_format: str, hard_indic
 
 
 def write_folder(out: str | os.PathLike, spec: SyntheticSpec, jpeg_quality: int = 90) -> Path:
-    """``out/id_000000/0000.jpg``...; folder names sort in label order. Returns ``out``."""
+    """``out/id_000000/0000.jpg``...; folder names sort in label order. Returns ``out``.
+
+    Images are plain writes (an fsync per image would dominate the run); ``synthetic.json`` is
+    written atomically last, so its presence marks a complete set.
+    """
     out = Path(out)
     hard_indices: list[int] = []
     for index, (label, image, hard) in enumerate(iter_training_samples(spec)):
         if hard:
             hard_indices.append(index)
         j = index - label * spec.per_identity
-        atomic_write_bytes(out / f"id_{label:06d}" / f"{j:04d}.jpg", encode_jpeg(image, jpeg_quality))
+        identity_dir = out / f"id_{label:06d}"
+        if j == 0:
+            identity_dir.mkdir(parents=True, exist_ok=True)
+        (identity_dir / f"{j:04d}.jpg").write_bytes(encode_jpeg(image, jpeg_quality))
     _write_manifest(out, spec, "folder", hard_indices)
     return out
 
