@@ -98,7 +98,9 @@ def info_command(path: Path = typer.Argument(..., help="RecordIO dir or .rec, im
     kind = "RecordIO" if isinstance(dataset, RecordIODataset) else "image folder"
     typer.echo(f"{path}: {kind}")
     typer.echo(f"samples:    {len(dataset)}")
-    typer.echo(f"identities: {len(present)}" + (f" (labels 0..{dataset.num_classes - 1})" if len(present) != dataset.num_classes else ""))
+    # Labels without samples happen in RecordIO files built from filtered lists; say so.
+    gaps = f" (labels 0..{dataset.num_classes - 1})" if len(present) != dataset.num_classes else ""
+    typer.echo(f"identities: {len(present)}{gaps}")
     typer.echo(
         f"per identity: min {int(present.min())}, median {float(np.median(present)):g}, max {int(present.max())}"
     )

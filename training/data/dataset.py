@@ -68,8 +68,8 @@ class FaceDataset(Dataset):
 
         Used for the second forward pass of mined samples; Pillow releases the GIL while decoding.
         """
-        indices = [int(i) for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
-        flips = [False] * len(indices) if flips is None else [bool(f) for f in (flips.tolist() if hasattr(flips, "tolist") else flips)]
+        indices = [int(i) for i in _as_list(indices)]
+        flips = [False] * len(indices) if flips is None else [bool(f) for f in _as_list(flips)]
         if len(flips) != len(indices):
             raise ValueError(f"got {len(flips)} flips for {len(indices)} indices")
         batch = np.empty((len(indices), INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
@@ -96,6 +96,10 @@ class FaceDataset(Dataset):
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=self.num_classes)
+
+
+def _as_list(values) -> list:
+    return values.tolist() if hasattr(values, "tolist") else list(values)
 
 
 class RecordIODataset(FaceDataset):

@@ -12,7 +12,7 @@ seeded from ``(seed, role, i, j)``, so any subset renders the same pixels in any
 
 Rendering works in *face space*: each pixel's coordinates are mapped once through the inverse of
 the sample's pose, and every shape is a soft-edged (anti-aliased) ellipse evaluated on the small
-pixel window it can touch. About 1-2 ms per 112x112 image on one core.
+pixel window it can touch: about 3 ms per 112x112 image on one core (JPEG included).
 """
 
 from __future__ import annotations
@@ -403,7 +403,8 @@ def render_face(identity: FaceIdentity, nuisance: Nuisance, size: int = INPUT_SI
 
     # Nose: bridge shadow, bright tip, shadow under it, nostrils.
     nx = feature_dx * 1.15
-    canvas.paint_ellipse(skin * 0.7, nx, f.nose_y - f.nose_length * 0.45, f.nose_width * 0.3, f.nose_length * 0.5, opacity=0.35)
+    bridge_y = f.nose_y - f.nose_length * 0.45
+    canvas.paint_ellipse(skin * 0.7, nx, bridge_y, f.nose_width * 0.3, f.nose_length * 0.5, opacity=0.35)
     canvas.paint_ellipse(skin * 0.75, nx, f.nose_y + 0.035, f.nose_width, 0.03, opacity=0.45)
     canvas.paint_ellipse(np.minimum(skin * 1.08, 255), nx, f.nose_y, f.nose_width * 0.6, f.nose_width * 0.4, opacity=0.6)
     for side in (-1, 1):
@@ -417,8 +418,9 @@ def render_face(identity: FaceIdentity, nuisance: Nuisance, size: int = INPUT_SI
     if f.moustache:
         canvas.paint_ellipse(f.hair, mouth_x, f.mouth_y - f.upper_lip - 0.04, mw * 1.05, 0.035, bend=bend, opacity=0.9)
     gap = n.mouth_open
-    canvas.paint_ellipse(f.lip_colour, mouth_x, f.mouth_y - gap / 2 - f.upper_lip / 2, mw, f.upper_lip, bend=bend)
-    canvas.paint_ellipse(f.lip_colour * 1.05, mouth_x, f.mouth_y + gap / 2 + f.lower_lip / 2, mw * 0.88, f.lower_lip, bend=bend)
+    upper_y, lower_y = f.mouth_y - gap / 2 - f.upper_lip / 2, f.mouth_y + gap / 2 + f.lower_lip / 2
+    canvas.paint_ellipse(f.lip_colour, mouth_x, upper_y, mw, f.upper_lip, bend=bend)
+    canvas.paint_ellipse(f.lip_colour * 1.05, mouth_x, lower_y, mw * 0.88, f.lower_lip, bend=bend)
     if gap > 0.004:
         canvas.paint_ellipse((55, 20, 25), mouth_x, f.mouth_y, mw * 0.85, gap / 2, bend=bend)
 
@@ -504,7 +506,9 @@ class SyntheticSpec:
 
     def __post_init__(self) -> None:
         if self.identities < 1 or self.per_identity < 1:
-            raise CdfaceError(f"need at least one identity and one image per identity, got {self.identities} x {self.per_identity}.")
+            raise CdfaceError(
+                f"need at least one identity and one image per identity, got {self.identities} x {self.per_identity}."
+            )
         if self.difficulty < 0:
             raise CdfaceError(f"difficulty must be >= 0, got {self.difficulty}.")
         hard_sample_mask(self.seed, 0, self.hard_share)  # validates the share
@@ -591,7 +595,8 @@ def verification_pairs(
                 parameters[identity] = identity_of(seed, identity, VAL_ROLE)
             position = 2 * pair + slot
             sample_rng = np.random.default_rng([seed, VAL_ROLE, _SAMPLE_STREAM, identity, position])
-            images[position] = render_face(parameters[identity], random_nuisance(sample_rng, bool(hard[position]), difficulty))
+            nuisance = random_nuisance(sample_rng, bool(hard[position]), difficulty)
+            images[position] = render_face(parameters[identity], nuisance)
     return images, issame
 
 
