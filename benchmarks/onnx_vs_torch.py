@@ -3,8 +3,9 @@
 Both sides run the same thing: uint8 NHWC crops in, L2-normalised embeddings out (the torch side
 is the very module that was exported). Random weights: speed does not depend on their values.
 Batches 1 and 32; the headline value is the ONNX Runtime / PyTorch ratio at batch 32, the
-per-batch figures are in ``details``. Both run in this process, one after the other, with the
-same thread count, so the ratio holds on a noisy shared machine even when absolute times drift.
+per-batch figures are in ``details``. Both run in this process with the same thread count,
+alternating iteration by iteration, so the ratio holds on a noisy shared machine even when
+absolute times drift.
 
     python -m benchmarks.onnx_vs_torch            # IR-50, a few minutes on 2 cores
     python -m benchmarks.onnx_vs_torch --quick    # IR-50 at width 0.25, seconds
@@ -28,15 +29,19 @@ from training.backbones import create_backbone
 TARGET = ">= 1.5"
 
 
-def _images_per_second(run, images: np.ndarray, iters: int, warmup: int) -> float:
+def _interleaved(runs: dict, images: np.ndarray, iters: int, warmup: int) -> dict[str, float]:
+    """Images/s per runner; the runners alternate every iteration so a neighbour's burst of load
+    hits both sides alike instead of whichever happened to be running."""
     for _ in range(warmup):
-        run(images)
-    times = []
+        for run in runs.values():
+            run(images)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(iters):
-        start = time.perf_counter()
-        run(images)
-        times.append(time.perf_counter() - start)
-    return len(images) / float(np.median(times))  # the median shrugs off a neighbour's burst
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(images)
+            times[name].append(time.perf_counter() - start)
+    return {name: len(images) / float(np.median(t)) for name, t in times.items()}  # the median shrugs off outliers
 
 
 def main() -> None:
@@ -47,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
 
     width = 0.25 if args.quick else 1.0
-    plans = {1: (3, 10) if args.quick else (3, 10), 32: (1, 3) if args.quick else (1, 3)}  # batch: (warmup, iters)
+    plans = {1: (3, 10), 32: (1, 3) if args.quick else (1, 5)}  # batch: (warmup, iters)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = EmbeddingModel(create_backbone(args.backbone, width=width)).eval()
@@ -76,13 +81,15 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for batch, (warmup, iters) in plans.items():
         images = rng.integers(0, 256, size=(batch, 112, 112, 3), dtype=np.uint8)
-        torch_ips = _images_per_second(run_torch, images, iters, warmup)
-        onnx_ips = _images_per_second(run_onnx, images, iters, warmup)
+        speeds = _interleaved({"torch": run_torch, "onnx": run_onnx}, images, iters, warmup)
+        torch_ips, onnx_ips = speeds["torch"], speeds["onnx"]
         details[f"batch{batch}"] = {"torch_images_per_s": round(torch_ips, 2), "onnx_images_per_s": round(onnx_ips, 2),
                                     "ratio": round(onnx_ips / torch_ips, 3), "iters": iters}
         print(f"batch {batch:>2}: torch {torch_ips:7.2f} img/s   onnxruntime {onnx_ips:7.2f} img/s   "
               f"ratio {onnx_ips / torch_ips:.2f}", flush=True)
 
+    # Shared machines: record how busy this one was, to read the figures against.
+    details["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     b32 = details["batch32"]
     name = "onnx_vs_torch_quick" if args.quick else "onnx_vs_torch"
     path = write_result(name, "onnxruntime_images_per_s_batch32", b32["onnx_images_per_s"], b32["torch_images_per_s"],
