@@ -166,7 +166,6 @@ def fetch(archive: Archive) -> dict[str, Path]:
                 if actual != archive.members[member]:
                     raise CdfaceError(f"{member} in {archive.filename} has sha256 {actual}, expected {archive.members[member]}")
                 atomic_write_bytes(wanted[member], data)
-                os.chmod(wanted[member], 0o644)
     return wanted
 
 

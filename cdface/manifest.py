@@ -253,8 +253,4 @@ def publish_model(out_dir: str | os.PathLike, onnx_bytes: bytes, manifest: Model
     onnx_path = out_dir / manifest.onnx_file
     atomic_write_bytes(onnx_path, onnx_bytes)
     manifest_path = write_manifest(out_dir / MANIFEST_FILENAME, manifest)
-    # The temporary files behind atomic writes are private (0600); a model is read by other
-    # users (the Triton container), so publish it world-readable.
-    for path in (onnx_path, manifest_path):
-        os.chmod(path, 0o644)
     return ExportResult(onnx_path, manifest_path, manifest)
