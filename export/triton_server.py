@@ -14,6 +14,7 @@ hash of its requirements, so changing a pin makes a new one instead of mutating 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -27,6 +28,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,6 +256,19 @@ def _tail(path: Path, lines: int) -> str:
     return " | ".join(text[-lines:]) or "(empty log)"
 
 
+# Servers this process started and has not stopped. The server runs in its own session (so a Ctrl-C
+# meant for us does not cut it off mid-request); this makes sure it does not outlive an interpreter
+# that exits without calling stop(), e.g. on an unhandled exception.
+_RUNNING: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for server in list(_RUNNING):
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
 class TritonServer:
     """One ``tritonserver`` process serving a model repository on local ports.
 
@@ -373,9 +388,10 @@ class TritonServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")
         # Its own session: a Ctrl-C meant for the parent does not reach the server half-way through
-        # a request; stop() decides how it ends.
+        # a request; stop() (or the exit hook above) decides how it ends.
         self.process = subprocess.Popen(self.command(env), stdout=self._log_file, stderr=subprocess.STDOUT,
                                         env=self._environ(env), start_new_session=True)
+        _RUNNING.add(self)
         try:
             self._wait_ready()
         except BaseException:
@@ -416,6 +432,7 @@ class TritonServer:
                         os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
             self.process = None
+        _RUNNING.discard(self)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
