@@ -22,8 +22,6 @@ stay on disk, and the config's ``version_policy`` decides which of them Triton s
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import shutil
@@ -333,8 +331,8 @@ def _onnx_embedding_size(onnx_path: Path) -> int | None:
     return out_dims[1] if isinstance(out_dims[1], int) and out_dims[1] > 0 else None
 
 
-def _read_export(export_dir: Path, backend: str) -> tuple[dict, list[Path], int]:
-    """(manifest, files to copy into the version directory, D) for one exported model.
+def _read_export(export_dir: Path, backend: str) -> tuple[list[Path], int]:
+    """(files to copy into the version directory, embedding size D) for one exported model.
 
     The manifest is validated (``cdface.manifest``) and the ONNX file must be the one it describes:
     the repository serves only what the manifest vouches for.
@@ -367,7 +365,7 @@ def _read_export(export_dir: Path, backend: str) -> tuple[dict, list[Path], int]
         if not plan.exists():
             raise CdfaceError(f"{export_dir} has no model.plan; build a TensorRT engine before using tensorrt_plan.")
         files.append(plan)
-    return json.loads(manifest_path.read_text()), files, manifest.embedding_size
+    return files, manifest.embedding_size
 
 
 def _copy_version(files: list[Path], model_dir: Path, version: int) -> Path:
@@ -423,7 +421,7 @@ def add_model_version(
         raise CdfaceError(f"unknown Triton backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     if not _MODEL_NAME_RE.match(model_name):
         raise CdfaceError(f"model name {model_name!r} must be letters, digits, '_', '-' or '.'.")
-    manifest, files, embedding_size = _read_export(export_dir, backend)
+    files, embedding_size = _read_export(export_dir, backend)
 
     model_dir = repo / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -443,14 +441,19 @@ def add_model_version(
                 return value
             return getattr(current, field) if current is not None else default
 
+        if preferred is not None:
+            preferred_sizes = tuple(preferred)
+        elif current is not None and max_batch_size in (None, current.max_batch_size):
+            preferred_sizes = current.preferred_batch_sizes
+        else:
+            preferred_sizes = None  # derived from the (new) maximum
+
         settings = ModelSettings(
             name=model_name,
             backend=backend,
             embedding_size=embedding_size,
             max_batch_size=pick(max_batch_size, "max_batch_size", DEFAULT_MAX_BATCH_SIZE),
-            preferred_batch_sizes=tuple(preferred) if preferred is not None else (
-                current.preferred_batch_sizes if current is not None and max_batch_size in (None, current.max_batch_size)
-                else None),
+            preferred_batch_sizes=preferred_sizes,
             queue_delay_us=pick(queue_delay_us, "queue_delay_us", DEFAULT_QUEUE_DELAY_US),
             dynamic_batching=pick(dynamic_batching, "dynamic_batching", True),
             instances=pick(instances, "instances", DEFAULT_INSTANCES),
@@ -481,17 +484,17 @@ def set_version_policy(repo: str | os.PathLike, model_name: str, policy: "str | 
     from filelock import FileLock
 
     model_dir = Path(repo) / model_name
+    if not (model_dir / CONFIG_FILE).exists():
+        raise CdfaceError(f"{model_dir} has no {CONFIG_FILE}; add a version first.")
     with FileLock(str(model_dir / ".cdface-write.lock")):
         current = read_settings(repo, model_name)
-        if current is None:
-            raise CdfaceError(f"{model_dir} has no {CONFIG_FILE}; add a version first.")
         settings = replace(current, version_policy=VersionPolicy.parse(policy))
         write_settings(repo, settings)
     return settings
 
 
-def read_version_manifest(repo: str | os.PathLike, model_name: str, version: int) -> dict:
-    path = Path(repo) / model_name / str(version) / MANIFEST_FILE
-    with contextlib.suppress(FileNotFoundError):
-        return json.loads(path.read_text())
-    raise CdfaceError(f"{path} does not exist.")
+def read_version_manifest(repo: str | os.PathLike, model_name: str, version: int):
+    """The validated manifest of one served version (a ``cdface.manifest.ModelManifest``)."""
+    from cdface.manifest import read_manifest
+
+    return read_manifest(Path(repo) / model_name / str(version) / MANIFEST_FILE)

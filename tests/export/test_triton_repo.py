@@ -18,6 +18,7 @@ from export.triton_repo import (
     list_versions,
     parse_config,
     read_settings,
+    read_version_manifest,
     set_version_policy,
 )
 
@@ -106,6 +107,7 @@ def test_versions_accumulate_and_config_follows(tmp_path, exported_model, export
     assert v1.version == 1
     assert sorted(p.name for p in v1.path.iterdir()) == ["manifest.json", "model.onnx", "model.py"]
     assert json.loads(v1.manifest_path.read_text()) == exported_model.manifest
+    assert read_version_manifest(repo, "face", 1).onnx_sha256 == exported_model.manifest["onnx_sha256"]
     assert (v1.path / "model.onnx").read_bytes() == exported_model.onnx_path.read_bytes()
 
     # A second version: the first stays, tuning given earlier is kept unless overridden.
