@@ -157,6 +157,29 @@ def perf_analyzer_run(tool: tuple[Path, dict[str, str]], url: str, model: str, c
     }
 
 
+def onnx_runtime_ceiling(onnx_path: Path, batch: int, seconds: float) -> dict[str, float]:
+    """Images/s of ONNX Runtime alone (1 thread, as in the server) at batch 1 and at ``batch``.
+
+    Their ratio bounds what batching can win on this CPU once per-request overheads are gone:
+    convolutions cost about the same per image whatever the batch.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    rates = {}
+    for n in (1, batch):
+        images = np.random.default_rng(n).integers(0, 256, size=(n, 112, 112, 3), dtype=np.uint8)
+        session.run(None, {"images": images})
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            session.run(None, {"images": images})
+            runs += 1
+        rates[str(n)] = runs * n / (time.perf_counter() - start)
+    return rates
+
+
 def batch_histogram(http_url: str, model: str) -> dict[int, int]:
     """Executions per batch size, from Triton's own statistics."""
     import tritonclient.http as httpclient
@@ -193,7 +216,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="cdface-bench-triton-") as tmp:
         tmp = Path(tmp)
-        build_repo(tmp / "repo", export_small_model(tmp, args.width), args.max_batch_size, args.queue_delay_us)
+        export_dir = export_small_model(tmp, args.width)
+        build_repo(tmp / "repo", export_dir, args.max_batch_size, args.queue_delay_us)
+        ceiling = onnx_runtime_ceiling(export_dir / "model.onnx", args.max_batch_size, 1.0 if args.quick else 3.0)
+        ceiling_ratio = ceiling[str(args.max_batch_size)] / ceiling["1"]
+        print(f"ONNX Runtime alone: {ceiling['1']:.0f} img/s at batch 1, {ceiling[str(args.max_batch_size)]:.0f} at "
+              f"batch {args.max_batch_size} ({ceiling_ratio:.2f}x)", flush=True)
         runs: dict[str, list[dict]] = {BATCHED: [], UNBATCHED: []}
         tool = ensure_perf_analyzer() if args.client == "perf_analyzer" else None
         with TritonServer(tmp / "repo", log_path=tmp / "server.log") as server:
@@ -234,6 +262,8 @@ def main() -> None:
             "batched_executions_by_size": executions,
             "unbatched_executions_by_size": histograms[UNBATCHED],
             "mean_executed_batch": mean_batch,
+            "onnxruntime_direct_img_per_s": ceiling,
+            "onnxruntime_batch_gain": ceiling_ratio,
         },
     )
     print(f"wrote {path}")
