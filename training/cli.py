@@ -54,10 +54,12 @@ def make_evaluator(bin_paths: list[str]):
 
 
 def summary_lines(report: dict) -> list[str]:
-    lines = []
+    """One line per benchmark: accuracy (10-fold mean +- std) and the TAR@FAR levels it could measure."""
+    by_dataset: dict[str, list[str]] = {}
     for r in report.get("results", []):
         value = r.get("value")
-        text = f"{value:.4f}" if isinstance(value, float) else str(value)
-        extra = f" +- {r['std']:.4f}" if isinstance(r.get("std"), float) else ""
-        lines.append(f"eval {r.get('dataset')}: {r.get('metric')} = {text}{extra}")
-    return lines
+        if not isinstance(value, (int, float)):
+            continue  # a FAR below 1/impostors cannot be measured on this set
+        text = f"{r['metric']} {value:.4f}" + (f" +- {r['std']:.4f}" if isinstance(r.get("std"), float) else "")
+        by_dataset.setdefault(r.get("dataset", "?"), []).append(text)
+    return [f"eval {name}: " + ", ".join(parts) for name, parts in by_dataset.items()]
