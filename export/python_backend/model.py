@@ -57,7 +57,9 @@ class TritonPythonModel:
         """None when ``array`` is a valid batch, else one sentence saying what is wrong."""
         if array.dtype != self.input_dtype:
             return f"input {self.input_name!r} must be {np.dtype(self.input_dtype).name}, got {array.dtype.name}"
-        if array.ndim != len(self.input_dims) + 1 or tuple(array.shape[1:]) != self.input_dims:
+        # -1 in the config means "any size" for that dimension.
+        if array.ndim != len(self.input_dims) + 1 or any(
+                want not in (-1, got) for want, got in zip(self.input_dims, array.shape[1:])):
             return (f"input {self.input_name!r} must have shape [N, {', '.join(map(str, self.input_dims))}], "
                     f"got {list(array.shape)}")
         if array.shape[0] < 1 or (self.max_batch_size and array.shape[0] > self.max_batch_size):

@@ -142,6 +142,28 @@ def test_bad_requests_are_rejected_with_clear_errors(http, grpc, random_faces):
     assert infer_http(http, faces).shape[0] == 2
 
 
+def test_model_errors_reach_the_client_as_errors(triton_repo, http, random_faces):
+    # A config looser than the graph (any height and width) lets a wrong-sized image past Triton's
+    # own checks; ONNX Runtime then fails inside model.py, which must answer with an error response
+    # for that request rather than crash the stub or return empty outputs.
+    import shutil
+
+    name = "face-loose"
+    (triton_repo / name).mkdir()
+    shutil.copytree(triton_repo / MODEL / "1", triton_repo / name / "1")
+    config = (triton_repo / MODEL / "config.pbtxt").read_text().replace(f'name: "{MODEL}"', f'name: "{name}"')
+    config = config.replace("dims: 112\n  dims: 112\n  dims: 3", "dims: -1\n  dims: -1\n  dims: 3")
+    assert "dims: -1" in config
+    (triton_repo / name / "config.pbtxt").write_text(config)
+    http.load_model(name)
+    try:
+        with pytest.raises(InferenceServerException, match="ONNX Runtime failed"):
+            infer_http(http, random_faces(2)[:, :64, :64], model=name)
+        assert infer_http(http, random_faces(2), model=name).shape[0] == 2  # the stub survived
+    finally:
+        http.unload_model(name)
+
+
 def test_new_version_is_served_without_restart(triton_server, triton_repo, http, exported_model,
                                               exported_model_v2, random_faces):
     from export.triton_repo import add_model_version, set_version_policy
