@@ -20,6 +20,7 @@ app = typer.Typer(
 def _register() -> None:
     # Imported here, not at module top, so `cdface --help` stays fast and torch-free.
     from export.cli import app as export_app
+    from export.triton_cli import add_version_command
     from export.triton_cli import app as triton_app
     from training.cli import train_command
     from training.data.cli import app as data_app
@@ -28,6 +29,7 @@ def _register() -> None:
     app.add_typer(data_app, name="data", help="Make and convert training data (synthetic identities, RecordIO).")
     app.command("train")(train_command)
     app.add_typer(eval_app, name="eval", help="Evaluate a checkpoint or an exported ONNX model.")
+    export_app.command("triton")(add_version_command)
     app.add_typer(export_app, name="export", help="Export models: ONNX, TensorRT, Triton model repository.")
     app.add_typer(triton_app, name="triton", help="Run a local Triton Inference Server.")
 
