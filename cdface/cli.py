@@ -37,11 +37,19 @@ def _register() -> None:
 _register()
 
 
+def one_line(exc: BaseException) -> str:
+    """The user-facing sentence of an error, also when a DataLoader worker re-raised it with its traceback."""
+    message = str(exc).strip()
+    if "Original Traceback" in message:
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(message.split())
+
+
 def main() -> None:
     try:
         app()
     except CdfaceError as exc:
-        print(f"cdface: error: {exc}", file=sys.stderr)
+        print(f"cdface: error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("cdface: interrupted", file=sys.stderr)

@@ -158,3 +158,32 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("cdface: error:"), proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_corrupt_image_in_a_worker_is_one_line_and_exit_2(tmp_path):
+    data = write_tiny_folder_dataset(tmp_path / "data", identities=4, per_identity=4)
+    (data / "id002" / "001.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    preset = write_preset(tmp_path / "p.yaml", data, tmp_path / "run", method={"identities": 2},
+                          optim={"batch_size": 16, "epochs": 1})
+    preset.write_text(preset.read_text().replace("workers: 0", "workers: 1"))
+    proc = subprocess.run(CDFACE + ["train", "--preset", str(preset), "--set", "run.stage=pretrain"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line
+             and not line.startswith("  ")]
+    assert len(lines) == 1 and "001.jpg" in lines[0], proc.stderr
+
+
+def test_torchrun_two_processes_train_and_resume(tiny_data, tmp_path):
+    """The real launcher: two gloo ranks through torchrun, then a resume on one process."""
+    preset = write_preset(tmp_path / "p.yaml", tiny_data, tmp_path / "run")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port()), "-m", "cdface.cli", "train", "--preset", str(preset)]
+    proc = subprocess.run(torchrun + ["--set", "run.max_steps=3"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["progress"]["step"] == 3
+    # One checkpoint for all ranks: the same run continues on a single process.
+    proc = subprocess.run(CDFACE + ["train", "--preset", str(preset), "--set", "run.max_steps=5"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "run" / "model.pt")["progress"]["step"] == 5
