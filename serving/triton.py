@@ -1,0 +1,173 @@
+"""The gateway's Triton client: async gRPC, per-request timeout, bounded retries, a circuit breaker.
+
+When Triton is down a request fails in about the time of one connection attempt (never a hang):
+``TritonUnavailable`` carries a ``retry_after`` the API turns into ``503`` + ``Retry-After``. After
+``breaker_failures`` consecutive failures the breaker opens and requests fail at once, without
+touching the network, until ``breaker_reset_s`` has passed; then one probe request goes through
+(half-open) and its outcome closes or re-opens the breaker. gRPC's own reconnect back-off is capped
+at a second or two so a restarted server is found again quickly, without restarting the gateway.
+
+All faces of one HTTP request go to Triton as one batch (split only at the model's maximum batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+log = logging.getLogger("cdface.serving.triton")
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "embedding"
+
+# gRPC status codes worth a retry: the server is (re)starting, overloaded, or the call timed out.
+_RETRYABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
+              "StatusCode.CANCELLED", "StatusCode.UNKNOWN"}
+
+
+class TritonUnavailable(Exception):
+    """Triton cannot answer now; ``retry_after`` seconds is a sensible wait."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TritonRejected(Exception):
+    """Triton answered with an error that retrying will not fix (bad input, unknown model)."""
+
+
+class CircuitBreaker:
+    """closed -> (N consecutive failures) -> open -> (reset_s) -> half-open: one probe -> closed or open."""
+
+    def __init__(self, failures: int, reset_s: float) -> None:
+        self.threshold = failures
+        self.reset_s = reset_s
+        self.failures = 0
+        self.opened_at: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if time.monotonic() - self.opened_at >= self.reset_s else "open"
+
+    def before(self) -> None:
+        """Raise ``TritonUnavailable`` unless a call may go out now."""
+        state = self.state
+        if state == "open" or (state == "half-open" and self._probing):
+            remaining = self.reset_s - (time.monotonic() - self.opened_at) if state == "open" else 1.0
+            raise TritonUnavailable("the model server is unavailable (circuit open)", max(1.0, remaining))
+        if state == "half-open":
+            self._probing = True
+
+    def success(self) -> None:
+        self.failures, self.opened_at, self._probing = 0, None, False
+
+    def failure(self) -> None:
+        self.failures += 1
+        self._probing = False
+        if self.failures >= self.threshold or self.opened_at is not None:
+            self.opened_at = time.monotonic()
+
+
+class TritonEmbedder:
+    """Crops in, embeddings out, over Triton's gRPC API."""
+
+    def __init__(self, url: str, model: str, version: int | None, *, dim: int, timeout_s: float = 10.0,
+                 retries: int = 2, breaker_failures: int = 3, breaker_reset_s: float = 5.0,
+                 max_batch: int = 32) -> None:
+        self.url, self.model = url, model
+        self.version = "" if version is None else str(version)
+        self.dim = dim
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.max_batch = max_batch
+        self.breaker = CircuitBreaker(breaker_failures, breaker_reset_s)
+        self._client = None
+
+    def _get_client(self):
+        if self._client is None:
+            import tritonclient.grpc.aio as grpcclient
+
+            from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
+
+            self._client = grpcclient.InferenceServerClient(self.url, channel_args=[
+                ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+                # Find a restarted server within about a second, not gRPC's default two minutes.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+                ("grpc.enable_retries", 0),
+            ])
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    async def model_ready(self, timeout_s: float = 2.0) -> bool:
+        """Whether Triton reports the served model (and version) ready; False when it does not answer."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return bool(await self._get_client().is_model_ready(self.model, self.version, client_timeout=timeout_s))
+        except (InferenceServerException, asyncio.TimeoutError, OSError):
+            return False
+
+    async def embed(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 [N, 112, 112, 3] RGB -> float32 [N, D]: one Triton call per ``max_batch`` crops."""
+        crops = np.ascontiguousarray(crops, dtype=np.uint8)
+        if len(crops) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        parts = [await self._infer(crops[i:i + self.max_batch]) for i in range(0, len(crops), self.max_batch)]
+        return np.concatenate(parts)
+
+    async def _infer(self, batch: np.ndarray) -> np.ndarray:
+        from tritonclient.grpc import InferInput
+        from tritonclient.utils import InferenceServerException
+
+        last: str = ""
+        for attempt in range(self.retries + 1):
+            self.breaker.before()
+            tensor = InferInput(INPUT_NAME, list(batch.shape), "UINT8")
+            tensor.set_data_from_numpy(batch)
+            try:
+                result = await asyncio.wait_for(
+                    self._get_client().infer(self.model, [tensor], model_version=self.version,
+                                             client_timeout=self.timeout_s),
+                    timeout=self.timeout_s + 1.0)
+            except (InferenceServerException, asyncio.TimeoutError, OSError) as exc:
+                status = exc.status() if isinstance(exc, InferenceServerException) else "StatusCode.DEADLINE_EXCEEDED"
+                if status not in _RETRYABLE and not _model_missing(exc):
+                    self.breaker.success()  # the server answered: it is up
+                    raise TritonRejected(f"the model server refused the request: {_short(exc)}") from None
+                self.breaker.failure()
+                last = f"{status}: {_short(exc)}"
+                if attempt < self.retries:
+                    await asyncio.sleep(0.05 * (4 ** attempt))
+                continue
+            output = result.as_numpy(OUTPUT_NAME)
+            self.breaker.success()
+            if output is None or output.shape != (len(batch), self.dim):
+                raise TritonRejected(f"the model returned {None if output is None else output.shape}, "
+                                     f"expected {(len(batch), self.dim)}")
+            return output.astype(np.float32, copy=False)
+        log.warning("Triton unavailable after %d attempts: %s", self.retries + 1, last)
+        raise TritonUnavailable("the model server is unavailable", max(1.0, self.breaker.reset_s))
+
+
+def _model_missing(exc: Exception) -> bool:
+    # A model that is (re)loading is reported as "unavailable"/"not found" with a non-network status.
+    text = str(exc).lower()
+    return "is not ready" in text or "unavailable" in text or "not found" in text
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
