@@ -1,0 +1,47 @@
+"""Prometheus metrics for the gateway (one registry per app, so tests can build several)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("cdface_http_requests_total", "HTTP requests by route and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("cdface_http_request_seconds", "HTTP request latency by route", ["route"],
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                                 registry=self.registry)
+        self.gallery_faces = Gauge("cdface_gallery_faces", "Faces in the search index", registry=self.registry)
+        self.breaker_open = Gauge("cdface_triton_breaker_open", "1 while the Triton circuit breaker is open",
+                                  registry=self.registry)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def middleware(self, app):
+        metrics = self
+
+        async def asgi(scope, receive, send):
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            started = time.perf_counter()
+            status = {"code": 500}
+
+            async def recording_send(message):
+                if message["type"] == "http.response.start":
+                    status["code"] = message["status"]
+                await send(message)
+
+            try:
+                await app(scope, receive, recording_send)
+            finally:
+                route = scope.get("route")
+                path = getattr(route, "path", None) or "unmatched"
+                metrics.requests.labels(scope.get("method", ""), path, str(status["code"])).inc()
+                metrics.latency.labels(path).observe(time.perf_counter() - started)
+
+        return asgi

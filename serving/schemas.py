@@ -1,0 +1,228 @@
+"""Request and response models of the HTTP API (``/v1``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serving.faces import FaceMode
+
+_EXAMPLE_B64 = "/9j/4AAQSkZJRgABAQAAAQABAAD..."
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageInput(_In):
+    """One image, base64-encoded (JPEG, PNG or WebP), and how to find the face in it."""
+
+    data: str = Field(description="The image file, base64 (standard alphabet, padding optional).",
+                      min_length=1, examples=[_EXAMPLE_B64])
+    mode: FaceMode = Field("detect", description="aligned: a 112x112 aligned crop; landmarks: use the five given "
+                           "landmarks; detect: the largest detected face; detect_all: every detected face.")
+    landmarks: list[list[float]] | None = Field(
+        None, description="Five [x, y] points (eyes, nose tip, mouth corners; image-left first), for mode 'landmarks'.",
+        examples=[[[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]]])
+    min_face_size: float = Field(0.0, ge=0, le=100_000, description="Detected faces smaller than this (pixels) are ignored.")
+    min_score: float = Field(0.0, ge=0, le=1, description="Detected faces with a lower detector score are ignored.")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: int
+    embedding_size: int
+    triton_model: str
+
+
+class Decision(BaseModel):
+    threshold: float = Field(description="Cosine similarity at or above which two faces are called the same person.")
+    threshold_source: str = Field(description="'manifest' (from the model's evaluation at the FAR) or 'configured'.")
+    far: float | None = Field(description="The target false accept rate the threshold is for, when known.")
+
+
+class Quality(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    score: float | None = Field(None, description="Detector confidence.")
+    face_size: float | None = Field(None, description="Shorter side of the face box, pixels.")
+    sharpness: float | None = Field(None, description="Variance of the Laplacian of the aligned crop (low = blurred).")
+
+
+class DetectedFace(BaseModel):
+    image: int = Field(description="Index of the image in the request.")
+    box: list[float] | None = Field(None, description="x, y, width, height in the image (detected faces).")
+    landmarks: list[list[float]] | None = None
+    quality: Quality
+
+
+# -- embeddings ---------------------------------------------------------------------------------
+
+
+class EmbeddingsRequest(_In):
+    images: list[ImageInput] = Field(min_length=1, description="Images to embed (one inference batch).")
+
+
+class FaceEmbedding(DetectedFace):
+    embedding: list[float]
+
+
+class EmbeddingsResponse(BaseModel):
+    model: ModelInfo
+    faces: list[FaceEmbedding]
+
+
+# -- verify / identify ----------------------------------------------------------------------------
+
+
+class VerifyRequest(_In):
+    image: ImageInput
+    other: ImageInput | None = Field(None, description="The second image (image vs image).")
+    identity_id: str | None = Field(None, max_length=64, description="An enrolled identity (image vs identity).")
+    far: float | None = Field(None, gt=0, lt=1, description="Target FAR for the decision; default: the server's.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "VerifyRequest":
+        if (self.other is None) == (self.identity_id is None):
+            raise ValueError("give exactly one of 'other' (an image) and 'identity_id'")
+        return self
+
+
+class VerifyResponse(Decision):
+    match: bool
+    similarity: float
+    model: ModelInfo
+    identity_id: str | None = None
+    faces: list[DetectedFace]
+
+
+class IdentifyRequest(_In):
+    image: ImageInput
+    top_k: int = Field(5, ge=1, le=100)
+    far: float | None = Field(None, gt=0, lt=1)
+
+
+class CandidateOut(BaseModel):
+    identity_id: str
+    external_id: str | None
+    name: str | None
+    face_id: int
+    similarity: float
+    match: bool
+
+
+class IdentifiedFace(DetectedFace):
+    candidates: list[CandidateOut]
+    match: CandidateOut | None = Field(description="The best candidate when it is at or above the threshold.")
+
+
+class IdentifyResponse(Decision):
+    model: ModelInfo
+    faces: list[IdentifiedFace]
+
+
+# -- identities and faces -------------------------------------------------------------------------
+
+_EXTERNAL_ID = Field(None, min_length=1, max_length=256, pattern=r"^[\x21-\x7e][\x20-\x7e]*$",
+                     description="Your own unique id for this person (printable ASCII).")
+
+
+def _check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None and len(json.dumps(value)) > 16_384:
+        raise ValueError("metadata must be at most 16 KiB of JSON")
+    return value
+
+
+class IdentityCreate(_In):
+    external_id: str | None = _EXTERNAL_ID
+    name: str | None = Field(None, max_length=256)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    _meta = field_validator("metadata")(_check_metadata)
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"external_id": "employee-1042", "name": "Barack Obama", "metadata": {"team": "demo"}}]})
+
+
+class IdentityUpdate(_In):
+    external_id: str | None = _EXTERNAL_ID
+    name: str | None = Field(None, max_length=256)
+    metadata: dict[str, Any] | None = None
+
+    _meta = field_validator("metadata")(_check_metadata)
+
+
+class IdentityOut(BaseModel):
+    id: str
+    external_id: str | None
+    name: str | None
+    metadata: dict[str, Any]
+    created: str
+    updated: str
+    face_count: int
+    faces_needing_reenrolment: int | None = Field(
+        None, description="Faces made by another model than the served one (not searchable until re-embedded).")
+
+
+class IdentityPage(BaseModel):
+    items: list[IdentityOut]
+    next_cursor: str | None
+
+
+class EnrollRequest(_In):
+    images: list[ImageInput] = Field(min_length=1)
+    retain_crop: bool | None = Field(None, description="Keep the aligned crops for re-embedding; default: server setting.")
+
+
+class FaceOut(BaseModel):
+    id: int
+    identity_id: str
+    model: str
+    current: bool = Field(description="Made by the served model (searchable); false = needs re-enrolment.")
+    created: str
+    has_crop: bool
+    box: list[float] | None
+    quality: dict[str, float]
+
+
+class FaceList(BaseModel):
+    items: list[FaceOut]
+
+
+class EnrollResponse(BaseModel):
+    faces: list[FaceOut]
+
+
+# -- operations -----------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    triton: bool
+    gallery: bool
+    model: ModelInfo
+
+
+class GalleryStatusOut(BaseModel):
+    model: str
+    faces_indexed: int
+    faces_other_models: dict[str, int]
+    index_kind: str
+    on_gpu: bool
+    loaded_in_s: float
+    consistent: bool
+    store_faces: int
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,140 @@
+"""Fixtures for the serving tests: the wrapped SFace model in a real tritonserver, real gateways over HTTP.
+
+Nothing is faked: the gateway runs as its own process (``python -m serving.cli serve``) on a free
+port with a real SQLite file, and talks gRPC to the ``tritonserver`` of the export stage
+(``export.triton_server``), which runs SFace through its Python backend and ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+MODEL = "face"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def sface_export(sface_onnx, tmp_path_factory) -> Path:
+    from cdface import assets
+    from export.wrap import wrap_onnx
+
+    out = tmp_path_factory.mktemp("sface-export")
+    wrap_onnx(sface_onnx, out, name="sface", version=1, input_layout="NCHW", channel_order="RGB", mean=0.0, std=1.0,
+              licence=assets.SFACE_LICENCE, backbone="sface", url=assets.SFACE_URL)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_repo(sface_export, tmp_path_factory) -> Path:
+    from export.triton_repo import add_model_version
+
+    repo = tmp_path_factory.mktemp("serving-repo")
+    add_model_version(repo, MODEL, sface_export, backend="python", max_batch_size=32, preferred=[8, 32],
+                      queue_delay_us=2_000)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton(model_repo, tmp_path_factory):
+    from export.triton_server import TritonServer
+
+    log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
+    with TritonServer(model_repo, log_path=log) as server:
+        yield server
+
+
+def b64(path_or_bytes) -> str:
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    return base64.b64encode(data).decode()
+
+
+@dataclass
+class Gateway:
+    url: str
+    proc: subprocess.Popen
+    db: Path
+    env: dict
+    log: Path
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def client(self, scope: str = "admin", timeout: float = 60.0) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.keys[scope]}"} if scope else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _free_port() -> int:
+    from export.triton_server import free_port
+
+    return free_port()
+
+
+def start_gateway(workdir: Path, triton_url: str, model_repo: Path, *, db: Path | None = None,
+                  keys: dict[str, str] | None = None, extra_env: dict | None = None) -> Gateway:
+    from serving.auth import create_key
+    from serving.store import SQLiteStore
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    db = db or workdir / "gallery.db"
+    if keys is None:
+        store = SQLiteStore(db)
+        keys = {scope: create_key(store, f"test-{scope}", [scope])[0]
+                for scope in ("admin", "embed", "verify", "identify", "enroll", "delete")}
+        store.close()
+    port = _free_port()
+    env = {**os.environ, "CDFACE_SERVE_PORT": str(port), "CDFACE_SERVE_DB_PATH": str(db),
+           "CDFACE_SERVE_TRITON_URL": triton_url, "CDFACE_SERVE_MODEL_REPOSITORY": str(model_repo),
+           "CDFACE_SERVE_MODEL": MODEL, "CDFACE_SERVE_LOG_LEVEL": "warning",
+           "CDFACE_SERVE_BREAKER_RESET_S": "2", "CDFACE_SERVE_TRITON_TIMEOUT_S": "5",
+           "CDFACE_SERVE_MAX_REQUEST_BYTES": str(12 * 1024 * 1024),
+           "CDFACE_SERVE_MAX_IMAGE_BYTES": str(8 * 1024 * 1024), **(extra_env or {})}
+    log = workdir / f"gateway-{port}.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve"], cwd=REPO_ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    gw = Gateway(f"http://127.0.0.1:{port}", proc, db, env, log, keys)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited ({proc.returncode}): {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(gw.url + "/healthz", timeout=1).status_code == 200:
+                return gw
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    gw.stop(signal.SIGKILL)
+    raise RuntimeError(f"gateway did not answer within 60 s: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def gateway(triton, model_repo, tmp_path_factory):
+    gw = start_gateway(tmp_path_factory.mktemp("gateway"), triton.grpc_url, model_repo)
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="session")
+def photos(face_photos) -> dict[str, Path]:
+    return face_photos
