@@ -54,7 +54,10 @@ class FaceDataset(Dataset):
         if not 0 <= index < len(self.labels):
             raise IndexError(f"sample {index} is out of range for {len(self.labels)} samples")
         image = decode_image(self._read_bytes(index), self._describe(index))
-        return np.ascontiguousarray(image[:, ::-1]) if flip else image
+        if flip:
+            return np.ascontiguousarray(image[:, ::-1])
+        # Pillow hands out read-only buffers; torch wants to own a writable one.
+        return image if image.flags.writeable else image.copy()
 
     def __getitem__(self, item: tuple[int, bool] | int) -> tuple[torch.Tensor, int, int]:
         index, flip = (item, False) if isinstance(item, (int, np.integer)) else item
