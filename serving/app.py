@@ -367,7 +367,10 @@ def get_identity(identity_id: str, request: Request, _: Any = require("identify"
           summary="Update an identity's external id, name or metadata")
 def update_identity(identity_id: str, body: s.IdentityUpdate, request: Request,
                     _: Any = require("enroll")) -> s.IdentityOut:
-    return _identity_out(get_service(request).store.update_identity(identity_id, body.model_dump(exclude_unset=True)))
+    changes = body.model_dump(exclude_unset=True)
+    if "metadata" in changes and changes["metadata"] is None:
+        changes["metadata"] = {}  # null clears it, like name and external_id
+    return _identity_out(get_service(request).store.update_identity(identity_id, changes))
 
 
 @v1.delete("/identities/{identity_id}", status_code=204, tags=["gallery"],
