@@ -71,6 +71,10 @@ class FaceService:
     @classmethod
     def create(cls, settings: Settings) -> "FaceService":
         manifest, version = resolve_manifest(settings)
+        if settings.faiss_threads:
+            import faiss
+
+            faiss.omp_set_num_threads(settings.faiss_threads)
         store = SQLiteStore(settings.db_path)
         spec = IndexSpec(settings.index_kind, settings.ivf_nlist, settings.ivf_nprobe, settings.faiss_gpu)
         gallery = Gallery(store, ModelKey(manifest.name, manifest.version), manifest.embedding_size, spec)

@@ -47,7 +47,9 @@ class Settings(BaseSettings):
     db_path: Path = Path("gallery.db")
     index_kind: Literal["flat", "ivf"] = "flat"
     ivf_nlist: int = Field(0, ge=0)
-    ivf_nprobe: int = Field(16, ge=1)
+    ivf_nprobe: int = Field(64, ge=1)
+    faiss_threads: int = Field(1, ge=0, description="OpenMP threads per FAISS search (0 = FAISS's default, all "
+                               "cores); one per search serves concurrent requests best on small machines.")
     faiss_gpu: bool = False
     retain_crops: bool = Field(True, description="Keep each enrolled aligned crop so the gallery can be re-embedded.")
 
