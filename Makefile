@@ -27,6 +27,8 @@ bench: setup
 	$(BIN)/python -m benchmarks.train_step --quick
 	$(BIN)/python -m benchmarks.onnx_vs_torch --quick
 	$(BIN)/python -m benchmarks.triton_batching --quick
+	$(BIN)/python -m benchmarks.gateway_embeddings --quick
+	$(BIN)/python -m benchmarks.identify_scale --quick
 	$(BIN)/python -m benchmarks.report
 
 clean:

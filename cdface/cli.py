@@ -22,6 +22,7 @@ def _register() -> None:
     from export.cli import app as export_app
     from export.triton_cli import add_version_command
     from export.triton_cli import app as triton_app
+    from serving.cli import gallery_app, keys_app, serve_command
     from training.cli import train_command
     from training.data.cli import app as data_app
     from training.evaluation.cli import app as eval_app
@@ -32,6 +33,9 @@ def _register() -> None:
     export_app.command("triton")(add_version_command)
     app.add_typer(export_app, name="export", help="Export models: ONNX, TensorRT, Triton model repository.")
     app.add_typer(triton_app, name="triton", help="Run a local Triton Inference Server.")
+    app.command("serve")(serve_command)
+    app.add_typer(keys_app, name="keys", help="API keys: create, list, revoke.")
+    app.add_typer(gallery_app, name="gallery", help="The identity gallery: status, re-embedding after a model change.")
 
 
 _register()
