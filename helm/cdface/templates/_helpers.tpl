@@ -1,0 +1,278 @@
+{{/* ---------- names and labels ---------- */}}
+
+{{- define "cdface.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-scoped base name; component objects append "-gateway", "-triton", ... (kept under 63). */}}
+{{- define "cdface.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "cdface.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of one component. Call with (dict "ctx" $ "component" "gateway"). Never change
+     these on upgrade: Deployment selectors are immutable. */}}
+{{- define "cdface.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "cdface.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "cdface.labels" -}}
+helm.sh/chart: {{ include "cdface.chart" .ctx }}
+{{ include "cdface.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: cdface
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "cdface.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "cdface.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* "repository@digest" when a digest is pinned, else "repository:tag". */}}
+{{- define "cdface.image" -}}
+{{- if .digest }}
+{{- printf "%s@%s" .repository .digest }}
+{{- else }}
+{{- printf "%s:%s" .repository (toString .tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "cdface.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* ---------- addresses and claims ---------- */}}
+
+{{- define "cdface.triton.fullname" -}}{{ include "cdface.fullname" . }}-triton{{- end }}
+{{- define "cdface.gateway.fullname" -}}{{ include "cdface.fullname" . }}-gateway{{- end }}
+{{- define "cdface.postgresql.fullname" -}}{{ include "cdface.fullname" . }}-postgresql{{- end }}
+
+{{/* The gRPC endpoint the gateway and the re-embedding job call. */}}
+{{- define "cdface.triton.grpcAddress" -}}
+{{ include "cdface.triton.fullname" . }}:8001
+{{- end }}
+
+{{- define "cdface.modelRepository.claimName" -}}
+{{- default (printf "%s-models" (include "cdface.fullname" .)) .Values.triton.modelRepository.pvc.existingClaim }}
+{{- end }}
+
+{{- define "cdface.checkpoints.claimName" -}}
+{{- default (printf "%s-checkpoints" (include "cdface.fullname" .)) .Values.training.checkpoints.existingClaim }}
+{{- end }}
+
+{{/* True (non-empty) when any retraining object renders. */}}
+{{- define "cdface.training.enabled" -}}
+{{- if or .Values.training.job.enabled .Values.training.cronJob.enabled .Values.training.multiNode.enabled }}true{{- end }}
+{{- end }}
+
+{{/* ---------- secrets ---------- */}}
+
+{{- define "cdface.gateway.secretName" -}}
+{{- default (printf "%s-gateway" (include "cdface.fullname" .)) .Values.gateway.secrets.existingSecret }}
+{{- end }}
+
+{{/* Where an external database's URL comes from: (name, key) of a Secret. */}}
+{{- define "cdface.database.secretName" -}}
+{{- default (printf "%s-database" (include "cdface.fullname" .)) .Values.database.external.existingSecret }}
+{{- end }}
+
+{{- define "cdface.database.secretKey" -}}
+{{- if .Values.database.external.existingSecret }}
+{{- .Values.database.external.existingSecretKey }}
+{{- else }}database-url{{- end }}
+{{- end }}
+
+{{- define "cdface.postgresql.secretName" -}}
+{{- default (include "cdface.postgresql.fullname" .) .Values.database.postgresql.existingSecret }}
+{{- end }}
+
+{{/* A generated secret value that survives upgrades: the value already in the cluster when there is
+     one (lookup), else a fresh random one. Under `helm template` / --dry-run lookup sees no cluster,
+     so every render there generates new values: never apply `helm template` output over a running
+     release's Secrets. Call with (dict "ctx" $ "name" SECRET "key" KEY "length" N). */}}
+{{- define "cdface.stableRandom" -}}
+{{- $existing := include "cdface.existingSecretValue" . }}
+{{- if $existing }}
+{{- $existing }}
+{{- else }}
+{{- randAlphaNum (int .length) }}
+{{- end }}
+{{- end }}
+
+{{/* The decoded value of KEY in the cluster's Secret NAME, or "" (none, or no cluster to ask). */}}
+{{- define "cdface.existingSecretValue" -}}
+{{- $existing := lookup "v1" "Secret" .ctx.Release.Namespace .name }}
+{{- if and $existing $existing.data (hasKey $existing.data .key) }}
+{{- index $existing.data .key | b64dec }}
+{{- end }}
+{{- end }}
+
+{{/* ---------- gateway environment (also used by the re-embedding job) ---------- */}}
+
+{{- define "cdface.gateway.env" -}}
+- name: CDFACE_SERVE_TRITON_URL
+  value: {{ include "cdface.triton.grpcAddress" . | quote }}
+- name: CDFACE_SERVE_MODEL
+  value: {{ .Values.model.name | quote }}
+{{- if .Values.model.version }}
+- name: CDFACE_SERVE_MODEL_VERSION
+  value: {{ .Values.model.version | quote }}
+{{- end }}
+{{- if eq .Values.triton.modelRepository.source "pvc" }}
+- name: CDFACE_SERVE_MODEL_REPOSITORY
+  value: /models
+{{- else }}
+- name: CDFACE_SERVE_MANIFEST
+  value: /etc/cdface/manifest/manifest.json
+{{- end }}
+{{- if eq .Values.database.mode "sqlite" }}
+- name: CDFACE_SERVE_DB_PATH
+  value: {{ .Values.database.sqlite.path | quote }}
+{{- else if eq .Values.database.mode "postgresql" }}
+{{- $pg := .Values.database.postgresql }}
+- name: PGPASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cdface.postgresql.secretName" . }}
+      key: password
+# Kubernetes substitutes $(PGPASSWORD) from the variable above: the password never sits in a literal.
+- name: CDFACE_SERVE_DATABASE_URL
+  value: {{ printf "postgresql://%s:$(PGPASSWORD)@%s:5432/%s" $pg.username (include "cdface.postgresql.fullname" .) $pg.database | quote }}
+{{- else }}
+- name: CDFACE_SERVE_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cdface.database.secretName" . }}
+      key: {{ include "cdface.database.secretKey" . }}
+{{- end }}
+- name: CDFACE_SERVE_KEY_PEPPER
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cdface.gateway.secretName" . }}
+      key: key-pepper
+{{- end }}
+
+{{/* The gateway's own environment: the shared settings plus HTTP and the bootstrap admin key. */}}
+{{- define "cdface.gateway.serveEnv" -}}
+{{ include "cdface.gateway.env" . }}
+- name: CDFACE_SERVE_HOST
+  value: "0.0.0.0"
+- name: CDFACE_SERVE_PORT
+  value: {{ .Values.gateway.port | quote }}
+- name: CDFACE_SERVE_LOG_LEVEL
+  value: {{ .Values.gateway.logLevel | quote }}
+# An admin key the gateway registers (hashed) at start, so there is a way in on a fresh database.
+- name: CDFACE_SERVE_BOOTSTRAP_ADMIN_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cdface.gateway.secretName" . }}
+      key: admin-api-key
+      optional: true
+{{- range $k, $v := .Values.gateway.settings }}
+- name: {{ printf "CDFACE_SERVE_%s" ($k | upper) }}
+  value: {{ $v | toString | quote }}
+{{- end }}
+{{- with .Values.gateway.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes the gateway code needs wherever it runs: the model repository (read-only, for the
+     manifests), the SQLite volume, a writable /tmp under a read-only root. */}}
+{{- define "cdface.gateway.volumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 1Gi
+{{- if eq .Values.triton.modelRepository.source "pvc" }}
+- name: models
+  persistentVolumeClaim:
+    claimName: {{ include "cdface.modelRepository.claimName" . }}
+    readOnly: true
+{{- else }}
+- name: manifest
+  configMap:
+    name: {{ .Values.gateway.manifestConfigMap }}
+{{- end }}
+{{- if eq .Values.database.mode "sqlite" }}
+- name: gallery
+  persistentVolumeClaim:
+    claimName: {{ include "cdface.gateway.fullname" . }}-gallery
+{{- end }}
+{{- end }}
+
+{{- define "cdface.gateway.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+{{- if eq .Values.triton.modelRepository.source "pvc" }}
+- name: models
+  mountPath: /models
+  readOnly: true
+{{- else }}
+- name: manifest
+  mountPath: /etc/cdface/manifest
+  readOnly: true
+{{- end }}
+{{- if eq .Values.database.mode "sqlite" }}
+- name: gallery
+  mountPath: {{ dir .Values.database.sqlite.path }}
+{{- end }}
+{{- end }}
+
+{{/* ---------- values that a schema cannot check on its own ---------- */}}
+
+{{- define "cdface.validate" -}}
+{{- $g := .Values.gateway }}
+{{- if and (eq .Values.database.mode "sqlite") (or (gt (int $g.replicaCount) 1) $g.autoscaling.enabled) }}
+{{- fail "database.mode=sqlite keeps the gallery in one pod's file: use one gateway replica without autoscaling, or database.mode=postgresql/external" }}
+{{- end }}
+{{- if and (eq .Values.database.mode "external") (not .Values.database.external.url) (not .Values.database.external.existingSecret) }}
+{{- fail "database.mode=external needs database.external.existingSecret (preferred) or database.external.url" }}
+{{- end }}
+{{- if and (eq .Values.triton.modelRepository.source "url") (not .Values.triton.modelRepository.url) }}
+{{- fail "triton.modelRepository.source=url needs triton.modelRepository.url" }}
+{{- end }}
+{{- if and (eq .Values.triton.modelRepository.source "url") (not $g.manifestConfigMap) }}
+{{- fail "with an object-store model repository the gateway reads the model manifest from gateway.manifestConfigMap (a ConfigMap with key manifest.json)" }}
+{{- end }}
+{{- if and .Values.triton.tensorrt.enabled (ne .Values.triton.modelRepository.source "pvc") }}
+{{- fail "triton.tensorrt.enabled builds engines from the ONNX files on the model repository volume: it needs triton.modelRepository.source=pvc" }}
+{{- end }}
+{{- if and .Values.triton.tensorrt.enabled (lt (int .Values.triton.gpus) 1) }}
+{{- fail "triton.tensorrt.enabled needs a GPU: set triton.gpus >= 1" }}
+{{- end }}
+{{- if and (include "cdface.training.enabled" .) (ne .Values.triton.modelRepository.source "pvc") }}
+{{- fail "retraining publishes into the model repository volume: it needs triton.modelRepository.source=pvc" }}
+{{- end }}
+{{- if and (include "cdface.training.enabled" .) .Values.training.steps.train (not .Values.training.dataset.existingClaim) }}
+{{- fail "training needs training.dataset.existingClaim (the volume holding the training data)" }}
+{{- end }}
+{{- if and .Values.gateway.pdb.enabled (not (or (kindIs "invalid" $g.pdb.minAvailable) (kindIs "invalid" $g.pdb.maxUnavailable))) }}
+{{- fail "gateway.pdb: set minAvailable or maxUnavailable, not both" }}
+{{- end }}
+{{- end }}
