@@ -1,10 +1,12 @@
-# Two commands on a fresh machine:  `make demo` (the main job)  and  `make test` (the whole suite).
+# Two commands on a fresh machine:  `make demo` (the main job: the stack on localhost with a demo)
+# and `make test` (the whole suite). `make train-demo` trains, evaluates and exports a small model.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := work/demo
+MODEL  ?=
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo train-demo bench clean
 
 # The project's environment: torch pinned to the CPU wheel, every stage's extras.
 $(VENV)/.installed: pyproject.toml
@@ -21,7 +23,10 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/python -m cdface.demo --workdir $(DEMO)
+	$(BIN)/python -m cdface.demo --workdir $(DEMO) $(if $(MODEL),--model $(MODEL))
+
+train-demo: setup
+	$(BIN)/python -m training.demo --workdir work/train-demo
 
 bench: setup
 	$(BIN)/python -m benchmarks.train_step --quick
@@ -32,4 +37,4 @@ bench: setup
 	$(BIN)/python -m benchmarks.report
 
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) work/train-demo .pytest_cache

@@ -1,15 +1,28 @@
-"""The main job on one machine: every stage of cdface, end to end, through its real commands.
+"""The main job: the whole stack on localhost, with a demo on real photos.
 
-    python -m cdface.demo --workdir work/demo      (what `make demo` runs)
+    python -m cdface.demo                  (what `make demo` runs; Ctrl-C stops the stack)
+    python -m cdface.demo --once           (run the demo, then stop everything: tests, CI)
+    python -m cdface.demo --model DIR      (serve your own export: a directory with model.onnx + manifest.json)
 
-Each step prints the command it runs, so a user can re-run or change any of them. Steps whose
-output is already there are skipped, so an interrupted demo picks up where it stopped.
+What comes up: a real ``tritonserver`` (the one bundled in nvidia-pytriton, Python backend running
+the ONNX model in ONNX Runtime) with a model repository, and the cdface gateway with a SQLite
+gallery. The model served is, in order: ``--model``; else the newest export under ``exports/``
+(where you put the models you trained and exported); else OpenCV Zoo's SFace wrapped into the
+cdface contract, since no face data set exists here to train a real face model on.
+
+The demo enrolls people from real photos, then identifies and verifies other photos of them,
+printing each call as a curl line you can copy while the stack keeps running.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import json
+import os
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,52 +30,228 @@ from pathlib import Path
 
 from cdface.errors import CdfaceError
 
+MODEL_NAME = "face"
+
 
 def cdface(*args: str) -> list[str]:
     return [sys.executable, "-m", "cdface.cli", *args]
 
 
-def step(title: str, command: list[str], done: Path | None = None) -> None:
-    shown = " ".join(shlex.quote(a) for a in ["cdface", *command[3:]])
-    if done is not None and done.exists():
-        print(f"\n== {title}: already done ({done})", flush=True)
-        return
-    print(f"\n== {title}\n$ {shown}", flush=True)
-    start = time.monotonic()
-    if subprocess.run(command).returncode != 0:
-        raise CdfaceError(f"demo step failed: {shown}")
-    print(f"   ({time.monotonic() - start:.0f} s)", flush=True)
+def shown(command: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in ["cdface", *command[3:]])
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(title: str, command: list[str]) -> str:
+    print(f"\n== {title}\n$ {shown(command)}", flush=True)
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CdfaceError(f"demo step failed: {shown(command)}: {proc.stderr.strip().splitlines()[-1:]}")
+    return proc.stdout
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def pick_port(preferred: int) -> int:
+    """The usual port when it is free (copyable curl lines), else any free one."""
+    if preferred and port_free(preferred):
+        return preferred
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, process: subprocess.Popen, what: str, log: Path, timeout_s: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise CdfaceError(f"{what} exited with {process.returncode}; see {log}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise CdfaceError(f"{what} not ready after {timeout_s:.0f} s; see {log}")
+
+
+def choose_model(requested: Path | None, work: Path) -> tuple[Path, str]:
+    if requested is not None:
+        if not (requested / "manifest.json").is_file():
+            raise CdfaceError(f"{requested} is not an exported model (no manifest.json)")
+        return requested, "your export (--model)"
+    exports = sorted((p.parent for p in Path("exports").glob("*/manifest.json")), key=lambda p: p.stat().st_mtime)
+    if exports:
+        return exports[-1], "your newest export under exports/"
+    sface = work / "sface"
+    if not (sface / "manifest.json").is_file():
+        run("no trained export yet: wrap OpenCV Zoo's SFace (a real pretrained face model) into the cdface contract",
+            cdface("export", "wrap-sface", "--out", str(sface)))
+    return sface, "SFace (OpenCV Zoo, 128-d), since no export of yours was found under exports/"
+
+
+class Stack:
+    """Triton + gateway as child processes, stopped together."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, command: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+        print(f"\n== start {name}\n$ {shown(command)}   (log: {log})", flush=True)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.processes.append((name, proc))
+        return proc
+
+    def stop(self) -> None:
+        for name, proc in reversed(self.processes):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            print(f"stopped {name}", flush=True)
+        self.processes.clear()
+
+
+def show_call(method: str, url: str, *, files: dict[str, Path] | None = None,
+              form: dict[str, str] | None = None, body: dict | None = None) -> None:
+    parts = ["curl", "-s", "-X", method, "-H", '"Authorization: Bearer $CDFACE_KEY"']
+    for field, path in (files or {}).items():
+        parts += ["-F", f"{field}=@{path}"]
+    for field, value in (form or {}).items():
+        parts += ["-F", f"{field}={value}"]
+    if body is not None:
+        parts += ["-H", "'Content-Type: application/json'", "-d", shlex.quote(json.dumps(body))]
+    print("$ " + " ".join(parts + [url]), flush=True)
+
+
+def demo_calls(base: str, key: str, photos: dict[str, Path]) -> dict:
+    """Enroll, identify, verify: each printed as curl, sent with httpx, answered in one line."""
+    import httpx
+
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+    def post(path: str, **kwargs) -> dict:
+        show_call("POST", base + path, files=kwargs.pop("show_files", None), form=kwargs.get("data"),
+                  body=kwargs.get("json"))
+        response = client.post(path, **kwargs)
+        if response.status_code >= 400:
+            raise CdfaceError(f"POST {path} answered {response.status_code}: {response.text[:300]}")
+        return response.json()
+
+    def upload(name: str) -> dict:
+        return {"images": (photos[name].name, photos[name].read_bytes(), "image/jpeg")}
+
+    print(f"\n$ export CDFACE_KEY={key}   # the demo's admin key, used by every curl line below")
+    print("\n== enroll: one identity per person, a face from a photo (detected and aligned by the gateway)")
+    people = {"obama": ("Barack Obama", "obama"), "biden": ("Joe Biden", "biden")}
+    ids = {}
+    for person, (name, photo) in people.items():
+        ids[person] = post("/v1/identities", json={"external_id": person, "name": name})["id"]
+        post(f"/v1/identities/{ids[person]}/faces", files=upload(photo), show_files={"images": photos[photo]})
+        print(f"   enrolled {name} as {ids[person]}")
+
+    print("\n== enroll every face of a group photo as its own identity (detect_all)")
+    faces = post("/v1/embeddings", files=upload("t1"), data={"mode": "detect_all"},
+                 show_files={"images": photos["t1"]})["faces"]
+    for i, face in enumerate(faces):
+        ident = client.post("/v1/identities", json={"external_id": f"t1-person-{i + 1}"}).json()["id"]
+        client.post(f"/v1/identities/{ident}/faces", json={"images": [{
+            "data": base64.b64encode(photos["t1"].read_bytes()).decode(), "mode": "landmarks",
+            "landmarks": face["landmarks"]}]}).raise_for_status()
+    print(f"   {len(faces)} faces found in {photos['t1'].name}, each enrolled separately")
+
+    results = {"ids": ids, "group_faces": len(faces), "identify": {}}
+    print("\n== identify (1:N): who is in these other photos?")
+    for probe in ("obama2", "obama3"):
+        answer = post("/v1/identify", files={"image": upload(probe)["images"]}, data={"top_k": "3"},
+                      show_files={"image": photos[probe]})
+        face = answer["faces"][0]
+        best = face["candidates"][0]
+        verdict = f"match: {face['match']['name'] or face['match']['external_id']}" if face["match"] else "no match"
+        print(f"   {photos[probe].name}: {verdict} (similarity {best['similarity']:.3f}, threshold "
+              f"{answer['threshold']:.3f}, {answer['threshold_source']})")
+        results["identify"][probe] = face["match"]["external_id"] if face["match"] else None
+
+    print("\n== verify (1:1): Obama's photo against Biden's, and a new Obama photo against the enrolled Obama")
+    versus = post("/v1/verify", files={"image": upload("obama")["images"], "other": upload("biden")["images"]},
+                  show_files={"image": photos["obama"], "other": photos["biden"]})
+    print(f"   obama.jpg vs biden.jpg: match={versus['match']} (similarity {versus['similarity']:.3f})")
+    same = post("/v1/verify", files={"image": upload("obama3")["images"]}, data={"identity_id": ids["obama"]},
+                show_files={"image": photos["obama3"]})
+    print(f"   obama3.jpg vs identity {ids['obama']}: match={same['match']} (similarity {same['similarity']:.3f})")
+    results["verify_obama_biden"] = versus["match"]
+    results["verify_obama3_obama"] = same["match"]
+    client.close()
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("work/demo"))
+    parser.add_argument("--model", type=Path, default=None, help="an export directory (model.onnx + manifest.json)")
+    parser.add_argument("--once", action="store_true", help="stop the stack after the demo")
+    parser.add_argument("--port", type=int, default=8080, help="gateway port (another free one if taken; 0: any)")
     args = parser.parse_args(argv)
-    w = args.workdir
-    data, pretrain, joint, export = w / "data", w / "pretrain", w / "joint", w / "export"
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
 
-    step("1. synthetic identities (training set + held-out verification pairs)",
-         cdface("data", "synth", "--out", str(data), "--identities", "200", "--per-identity", "16",
-                "--val-identities", "100", "--val-pairs", "600", "--format", "recordio"),
-         done=data / "synthetic.json")
-    common = ["--preset", "demo", "--set", f"data.path={data}", "--set", f"data.val=[{data / 'val.bin'}]"]
-    step("2. pretrain stage: plain ArcFace, fills the difficulty score bank",
-         cdface("train", *common, "--set", "run.stage=pretrain", "--set", f"run.output={pretrain}"),
-         done=pretrain / "model.pt")
-    step("3. joint stage: ArcFace + closeness + diversity with soft mining",
-         cdface("train", *common, "--set", f"run.output={joint}",
-                "--set", f"run.init_from={pretrain / 'checkpoints' / 'last.pt'}"),
-         done=joint / "model.pt")
-    step("4. evaluation report of the trained model (thresholds per FAR for the manifest)",
-         cdface("eval", "bin", str(joint / "model.pt"), str(data / "val.bin"), "--out", str(w / "eval.json"),
-                "--plots", str(w / "plots")),
-         done=w / "eval.json")
-    step("5. export to ONNX (preprocessing folded in, parity-checked against PyTorch)",
-         cdface("export", "onnx", str(joint / "model.pt"), "--out", str(export), "--name", "cdface-demo",
-                "--version", "1", "--eval-report", str(w / "eval.json")),
-         done=export / "manifest.json")
-    step("6. the exported model, measured on the held-out identities",
-         cdface("eval", "bin", str(export / "model.onnx"), str(data / "val.bin")))
+    from cdface import assets
+
+    photos = assets.photos()
+    export_dir, why = choose_model(args.model, work)
+    repo = work / "models"
+    if not (repo / MODEL_NAME).exists():
+        run("a Triton model repository with that model as version 1 (Python backend: ONNX Runtime on CPU)",
+            cdface("export", "triton", str(repo), str(export_dir), "--model", MODEL_NAME, "--backend", "python"))
+
+    db = work / "gallery.db"
+    if db.exists():  # a fresh gallery each run: the demo enrolls the same people again
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+    key = run("an API key (printed once; only its hash is stored)",
+              cdface("keys", "create", "--name", "demo", "--scope", "admin", "--db", str(db))).strip().splitlines()[-1]
+
+    http, grpc, metrics, gateway_port = pick_port(8100), pick_port(8101), pick_port(8102), pick_port(args.port)
+    stack = Stack(work)
+    try:
+        triton = stack.start("Triton Inference Server", cdface(
+            "triton", "serve", str(repo), "--http-port", str(http), "--grpc-port", str(grpc),
+            "--metrics-port", str(metrics)), work / "triton.log")
+        wait_http(f"http://127.0.0.1:{http}/v2/health/ready", triton, "tritonserver", work / "triton.log")
+        env = {**os.environ, "CDFACE_SERVE_LOG_LEVEL": "warning"}
+        gateway = stack.start("gateway", cdface(
+            "serve", "--port", str(gateway_port), "--db", str(db), "--model-repository", str(repo),
+            "--model", MODEL_NAME, "--triton-url", f"127.0.0.1:{grpc}"), work / "gateway.log", env)
+        base = f"http://127.0.0.1:{gateway_port}"
+        wait_http(base + "/readyz", gateway, "gateway", work / "gateway.log")
+        print(f"\nserving model: {why}\n  {export_dir}")
+        results = demo_calls(base, key, photos)
+        print(f"\nThe stack is up: gateway {base} (API docs {base}/docs), Triton http://127.0.0.1:{http}, "
+              f"metrics {base}/metrics.\nexport CDFACE_KEY={key}")
+        if not args.once:
+            print("Ctrl-C stops it.", flush=True)
+            try:
+                while all(p.poll() is None for _, p in stack.processes):
+                    time.sleep(1)
+                raise CdfaceError("a stack process exited; see the logs in " + str(work))
+            except KeyboardInterrupt:
+                pass
+        return results
+    finally:
+        stack.stop()
 
 
 if __name__ == "__main__":
