@@ -302,7 +302,7 @@ async def verify(request: Request, _: Any = require("verify")) -> s.VerifyRespon
         similarity = float((gallery @ vectors[0]).max())
     else:
         similarity = float(vectors[0] @ vectors[1])
-    return s.VerifyResponse(match=similarity >= threshold, similarity=similarity, threshold=threshold,
+    return s.VerifyResponse(match=similarity > threshold, similarity=similarity, threshold=threshold,
                             threshold_source=source, far=far, model=service.model_info, identity_id=req.identity_id,
                             faces=[s.DetectedFace(**_detected(p)) for p in first + second])
 
@@ -325,7 +325,7 @@ async def identify(request: Request, _: Any = require("identify")) -> s.Identify
     for p, row in zip(prepared, found):
         candidates = [s.CandidateOut(identity_id=c.identity_id, external_id=identities[c.identity_id].external_id,
                                      name=identities[c.identity_id].name, face_id=c.face_id,
-                                     similarity=c.similarity, match=c.similarity >= threshold)
+                                     similarity=c.similarity, match=c.similarity > threshold)
                       for c in row if c.identity_id in identities]
         best = candidates[0] if candidates and candidates[0].match else None
         faces.append(s.IdentifiedFace(**_detected(p), candidates=candidates, match=best))

@@ -38,7 +38,7 @@ class ModelInfo(BaseModel):
 
 
 class Decision(BaseModel):
-    threshold: float = Field(description="Cosine similarity at or above which two faces are called the same person.")
+    threshold: float = Field(description="Cosine similarity above which two faces are called the same person (the evaluation report's rule: accept when similarity > threshold).")
     threshold_source: str = Field(description="'manifest' (from the model's evaluation at the FAR) or 'configured'.")
     far: float | None = Field(description="The target false accept rate the threshold is for, when known.")
 
@@ -114,7 +114,7 @@ class CandidateOut(BaseModel):
 
 class IdentifiedFace(DetectedFace):
     candidates: list[CandidateOut]
-    match: CandidateOut | None = Field(description="The best candidate when it is at or above the threshold.")
+    match: CandidateOut | None = Field(description="The best candidate when its similarity is above the threshold.")
 
 
 class IdentifyResponse(Decision):
