@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import typer
 
-from cdface.errors import CdfaceError
+from cdface.errors import exit_on_error
 
 app = typer.Typer(
     name="cdface",
@@ -41,23 +39,8 @@ def _register() -> None:
 _register()
 
 
-def one_line(exc: BaseException) -> str:
-    """The user-facing sentence of an error, also when a DataLoader worker re-raised it with its traceback."""
-    message = str(exc).strip()
-    if "Original Traceback" in message:
-        message = message.splitlines()[-1].split(": ", 1)[-1]
-    return " ".join(message.split())
-
-
 def main() -> None:
-    try:
-        app()
-    except CdfaceError as exc:
-        print(f"cdface: error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("cdface: interrupted", file=sys.stderr)
-        sys.exit(130)
+    exit_on_error(app)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import typer
 
-from cdface.errors import CdfaceError
+from cdface.errors import CdfaceError, exit_on_error
 
 keys_app = typer.Typer(help="Manage API keys (stored hashed in the gallery database).", no_args_is_help=True,
                        add_completion=False, pretty_exceptions_enable=False)
@@ -173,11 +173,7 @@ cli.add_typer(gallery_app, name="gallery")
 
 
 def main() -> None:
-    try:
-        cli()
-    except CdfaceError as exc:
-        print(f"cdface: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_error(cli)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from cdface.errors import CdfaceError
+from cdface.errors import CdfaceError, exit_on_error
 
 
 def cdface(*args: str) -> list[str]:
@@ -69,8 +69,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CdfaceError as exc:
-        print(f"cdface demo: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_error(main, "cdface demo")

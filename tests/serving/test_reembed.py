@@ -7,10 +7,9 @@ import sqlite3
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from .conftest import REPO_ROOT, b64, start_gateway
+from .conftest import REPO_ROOT, start_gateway
 from .test_robustness import _crop
 
 pytestmark = pytest.mark.slow
