@@ -1,0 +1,127 @@
+"""The study harness at smoke size: it trains both arms and the sweep, and writes a report that says something.
+
+The numbers of a smoke study are meaningless; what is tested is that every row is there, that each value is a
+number or says plainly that it is unavailable, that the verdict is written, and that a second invocation
+reuses the finished runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from benchmarks import study
+
+pytestmark = pytest.mark.slow
+
+NUMBER_OR_UNAVAILABLE = re.compile(r"^(-?\d+\.\d+( ± \d+\.\d+ \[\d+\.\d+–\d+\.\d+\])?|unavailable)$")
+
+
+def cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def table(markdown: str, header_start: str) -> tuple[list[str], list[list[str]]]:
+    """(header, body rows) of the first table whose header line starts with ``header_start``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(cells(line))
+    return cells(lines[start]), rows
+
+
+def table_rows(markdown: str, header_start: str) -> list[list[str]]:
+    return table(markdown, header_start)[1]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    paths = {"doc": root / "study.md", "figures": root / "figures", "results": root / "results"}
+    argv = ["--size", "smoke", "--workdir", str(root / "work"), "--doc", str(paths["doc"]),
+            "--figures", str(paths["figures"]), "--results-dir", str(paths["results"])]
+    study.main(argv)
+    return root, paths, argv
+
+
+def test_report_has_one_row_per_arm_and_sweep_point(smoke):
+    _, paths, _ = smoke
+    markdown = paths["doc"].read_text()
+    assert "Do not edit by hand" in markdown
+    assert "python -m benchmarks.study --size smoke" in markdown
+
+    header, arms = table(markdown, "| arm |")
+    assert {"accuracy", "TAR@FAR=1e-3", "TAR@FAR=1e-4"} <= set(header)
+    assert [row[0] for row in arms] == ["pretrain only (start of both arms)", "ArcFace alone",
+                                        "ArcFace + closeness + diversity"]
+    for row in arms:
+        assert len(row) == len(header)
+        for cell in row[2:]:
+            assert NUMBER_OR_UNAVAILABLE.match(cell), row
+    # The smoke held-out set has a few hundred impostor pairs: FAR 1e-3 cannot be measured and must say so,
+    # while 1e-2 can.
+    assert arms[1][header.index("TAR@FAR=1e-3")] == "unavailable"
+    assert arms[1][header.index("TAR@FAR=1e-2")] != "unavailable"
+
+    header, sweep = table(markdown, "| varies |")
+    points = [row for row in sweep if row[0] in ("lambda1", "lambda2")]
+    assert [row[1] for row in points] == [f"{l1:g} / {l2:g}" for l1, l2 in study.SWEEP]
+    metric_columns = [i for i, name in enumerate(header) if name == "accuracy" or name.startswith("TAR@")]
+    for row in points:
+        for i in metric_columns:
+            assert NUMBER_OR_UNAVAILABLE.match(row[i]), row
+
+
+def test_report_states_a_verdict_and_shows_the_losses_were_computed(smoke):
+    _, paths, _ = smoke
+    markdown = paths["doc"].read_text()
+    verdict = re.search(r"\*\*In short: (.+)\*\*", markdown)
+    assert verdict and ("helps" in verdict.group(1) or "hurts" in verdict.group(1)
+                        or "not distinguishable" in verdict.group(1))
+    losses = table_rows(markdown, "| run | lambdas |")
+    assert len(losses) == 2
+    for row in losses:
+        assert int(row[2]) > 0 and "→" in row[3] and "→" in row[4], row
+
+
+def test_result_json_and_figures(smoke):
+    _, paths, _ = smoke
+    record = json.loads((paths["results"] / "study_ablation_smoke.json").read_text())
+    assert record["target"] == ">= 1.0"
+    assert isinstance(record["value"], float) and isinstance(record["baseline"], float)
+    details = record["details"]
+    assert len(details["sweep"]) == len(study.SWEEP)
+    assert len(details["per_seed"]) == study.SIZES["smoke"].seeds
+    for arm in details["arms"]:
+        for s in [arm["accuracy"], *arm["tar"].values()]:
+            assert s["mean"] is None or isinstance(s["mean"], float)
+    assert details["pairs"]["measurable_fars"] and "1e-3" not in details["pairs"]["measurable_fars"]
+    for figure in details["figures"].values():
+        size = (paths["figures"] / figure.rsplit("/", 1)[-1]).stat().st_size
+        assert 0 < size < 200_000
+
+
+def test_second_invocation_reuses_the_finished_runs(smoke):
+    root, paths, argv = smoke
+    models = sorted((root / "work" / "runs").rglob("model.pt"))
+    assert len(models) == 1 + 2 + len(set(study.SWEEP)) - 1  # pretrain, both arms, the other sweep points
+    before = {p: p.stat().st_mtime_ns for p in models}
+    study.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in models} == before
+
+
+def test_verdict_rules():
+    # A gap inside the seed spread is not a result, however it points.
+    assert study.compare([0.80, 0.84, 0.82], [0.81, 0.83, 0.84], "acc")["verdict"] == "not distinguishable"
+    # Beyond the spread, but one seed disagrees: still not distinguishable.
+    assert study.compare([0.80, 0.80, 0.80], [0.85, 0.85, 0.79], "acc")["verdict"] == "not distinguishable"
+    helps = study.compare([0.800, 0.805, 0.802], [0.830, 0.834, 0.829], "acc")
+    assert helps["verdict"] == "helps" and "helps by 2.87 points" in helps["text"]
+    assert study.compare([0.83, 0.834, 0.829], [0.80, 0.805, 0.802], "acc")["verdict"] == "hurts"
+    assert study.compare([0.8], [0.9], "acc")["verdict"] == "one seed"
+    assert study.compare([None, 0.8], [0.8, 0.8], "acc")["verdict"] == "unavailable"
