@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -28,11 +29,15 @@ def _number(value) -> str:
 
 
 def _meets(record: dict) -> str:
-    target, ratio = record.get("target", ""), record.get("ratio")
-    if ratio is None or not target or target[:2] not in (">=", "<="):
+    """'yes' / 'no' for targets of the form '[ratio|value] >=|<= X [(comment)]'; blank for compound ones."""
+    match = re.fullmatch(r"\s*(ratio|value)?\s*(>=|<=)\s*([0-9.eE+-]+)\s*(\(.*\))?\s*", record.get("target", ""))
+    if not match:
         return ""
-    bound = float(target[2:])
-    ok = ratio >= bound if target.startswith(">=") else ratio <= bound
+    subject = record.get("value") if match.group(1) == "value" else record.get("ratio")
+    if subject is None:
+        return ""
+    bound = float(match.group(3))
+    ok = subject >= bound if match.group(2) == ">=" else subject <= bound
     return "yes" if ok else "**no**"
 
 
