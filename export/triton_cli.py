@@ -45,6 +45,8 @@ def add_version_command(
     version_policy: Optional[str] = typer.Option(None, help="latest[:N], all or specific:V1,V2 (default latest:1)."),
     ort_threads: Optional[int] = typer.Option(None, help="python backend: ONNX Runtime threads per instance."),
     gpus: Optional[str] = typer.Option(None, help="GPU backends: device ids for the instances, e.g. 0,1."),
+    device: Optional[str] = typer.Option(None, help="onnxruntime_onnx: gpu (default) or cpu instances, e.g. for a "
+                                                    "cluster trial without GPUs."),
     dynamic_batching: Optional[bool] = typer.Option(None, "--dynamic-batching/--no-dynamic-batching",
                                                     help="Merge concurrent requests into batches (default on)."),
 ) -> None:
@@ -57,7 +59,7 @@ def add_version_command(
         repo, model, export_dir, backend=backend, version=version, max_batch_size=max_batch_size,
         preferred=_int_list(preferred, "--preferred"), queue_delay_us=queue_delay_us, instances=instances,
         version_policy=version_policy, ort_threads=ort_threads, gpus=_int_list(gpus, "--gpus"),
-        dynamic_batching=dynamic_batching,
+        dynamic_batching=dynamic_batching, device=device,
     )
     typer.echo(f"added {added.model_name} version {added.version} ({added.settings.backend}) at {added.path}; "
                f"serving policy {added.settings.version_policy}")

@@ -171,6 +171,9 @@ class ModelSettings:
     dynamic_batching: bool = True
     instances: int = DEFAULT_INSTANCES
     gpus: tuple[int, ...] = ()  # GPU backends: which devices get instances; () = all of them
+    # onnxruntime_onnx only: "cpu" puts its instances on CPU (a cluster trial without GPUs);
+    # tensorrt_plan is GPU-only and the python backend always runs ONNX Runtime on CPU.
+    device: Literal["gpu", "cpu"] = "gpu"
     version_policy: VersionPolicy = VersionPolicy()
     ort_threads: int = DEFAULT_ORT_THREADS  # python backend only
 
@@ -184,6 +187,10 @@ class ModelSettings:
         bad = [b for b in self.preferred if not 1 <= b <= self.max_batch_size]
         if bad:
             raise CdfaceError(f"preferred batch sizes {bad} must lie between 1 and max_batch_size {self.max_batch_size}.")
+        if self.device not in ("gpu", "cpu"):
+            raise CdfaceError(f"device must be gpu or cpu, not {self.device!r}.")
+        if self.backend == "tensorrt_plan" and self.device == "cpu":
+            raise CdfaceError("a TensorRT plan runs only on a GPU; use onnxruntime_onnx or python for CPU instances.")
         if self.queue_delay_us < 0 or self.instances < 1 or self.ort_threads < 1 or self.embedding_size < 1:
             raise CdfaceError("queue delay must be >= 0 and instances, threads and embedding size >= 1.")
 
@@ -208,6 +215,8 @@ class ModelSettings:
             config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=self.instances)
             config.parameters["intra_op_threads"].string_value = str(self.ort_threads)
             config.parameters["inter_op_threads"].string_value = "1"
+        elif self.device == "cpu":
+            config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=self.instances)
         else:
             config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=self.instances, gpus=list(self.gpus))
         if self.dynamic_batching:
@@ -240,6 +249,8 @@ class ModelSettings:
             dynamic_batching=config.HasField("dynamic_batching"),
             instances=config.instance_group[0].count if config.instance_group else 1,
             gpus=tuple(config.instance_group[0].gpus) if config.instance_group else (),
+            device="cpu" if config.instance_group and config.instance_group[0].kind == config.instance_group[0].KIND_CPU
+            else "gpu",
             version_policy=VersionPolicy.from_config(config),
             ort_threads=int(threads or DEFAULT_ORT_THREADS),
         )
@@ -405,6 +416,7 @@ def add_model_version(
     dynamic_batching: bool | None = None,
     ort_threads: int | None = None,
     gpus: tuple[int, ...] | list[int] | None = None,
+    device: str | None = None,
 ) -> ModelVersion:
     """Add ``export_dir`` (``model.onnx`` / ``model.plan`` + ``manifest.json``) as a new version.
 
@@ -458,6 +470,7 @@ def add_model_version(
             dynamic_batching=pick(dynamic_batching, "dynamic_batching", True),
             instances=pick(instances, "instances", DEFAULT_INSTANCES),
             gpus=tuple(pick(gpus, "gpus", ())),
+            device=pick(device, "device", "gpu"),
             version_policy=VersionPolicy.parse(version_policy) if version_policy is not None else (
                 current.version_policy if current is not None else VersionPolicy()),
             ort_threads=pick(ort_threads, "ort_threads", DEFAULT_ORT_THREADS),

@@ -200,3 +200,12 @@ def test_cli_add_version(tmp_path, exported_model):
     bad = runner.invoke(app, ["add-version", str(repo), str(exported_model.dir), "--model", "face",
                               "--backend", "tensorflow"])
     assert bad.exit_code != 0 and isinstance(bad.exception, CdfaceError)
+
+
+def test_onnxruntime_on_cpu_instances_and_tensorrt_refuses_cpu():
+    cpu = ModelSettings(name="face", backend="onnxruntime_onnx", embedding_size=512, device="cpu")
+    text = cpu.to_pbtxt()
+    assert "kind: KIND_CPU" in _key_lines(text) and "KIND_GPU" not in text
+    assert ModelSettings.from_proto(parse_config(text)).device == "cpu"
+    with pytest.raises(CdfaceError, match="only on a GPU"):
+        ModelSettings(name="face", backend="tensorrt_plan", embedding_size=512, device="cpu").to_pbtxt()
