@@ -417,19 +417,42 @@ def gallery_status(request: Request, _: Any = require("admin")) -> s.GalleryStat
 ops = APIRouter(tags=["operations"])
 
 
+class SyncStatus(BaseModel):
+    """A replica's place in the shared store's change log (PostgreSQL only)."""
+
+    applied_seq: int
+    store_seq: int
+    behind: int
+    seconds_since_sync: float | None
+
+
+class ReadinessOut(s.Readiness):
+    sync: SyncStatus | None = None
+
+
 @ops.get("/healthz", response_model=s.Health, summary="Liveness: the process answers")
 async def healthz() -> s.Health:
     return s.Health(status="ok")
 
 
-@ops.get("/readyz", response_model=s.Readiness, responses={503: {"model": s.Readiness}},
-         summary="Readiness: the Triton model is ready and the gallery is loaded")
+@ops.get("/readyz", response_model=ReadinessOut, responses={503: {"model": ReadinessOut}},
+         summary="Readiness: the Triton model is ready and the gallery is loaded (and, on PostgreSQL, in step)")
 async def readyz(request: Request) -> Any:
     service = get_service(request)
     triton = await service.embedder.model_ready()
     ready = triton and service.gallery.loaded
-    body = s.Readiness(status="ready" if ready else "not_ready", triton=triton, gallery=service.gallery.loaded,
-                       model=service.model_info)
+    sync = None
+    if service.follower is not None:
+        try:
+            sync = SyncStatus(**await run_in_threadpool(service.gallery.lag))
+        except Exception as exc:  # the database does not answer: this replica cannot be trusted to be in step
+            log.warning("readiness: the gallery database does not answer: %s", exc)
+            ready = False
+        else:
+            since = sync.seconds_since_sync
+            ready = ready and since is not None and since <= service.settings.sync_stale_s
+    body = ReadinessOut(status="ready" if ready else "not_ready", triton=triton, gallery=service.gallery.loaded,
+                        model=service.model_info, sync=sync)
     return body if ready else JSONResponse(body.model_dump(), status_code=503)
 
 
@@ -458,6 +481,7 @@ def create_app(settings: Settings | None = None, service: FaceService | None = N
         app.state.service = svc
         started = time.perf_counter()
         await run_in_threadpool(svc.gallery.load)
+        svc.follow()
         log.info("serving model %s (Triton %r version %d), %d faces indexed in %.2f s; threshold %.3f (%s)",
                  svc.model_key, settings.model, svc.triton_version, len(svc.gallery.index),
                  time.perf_counter() - started, *svc.decision(None)[:2])

@@ -29,6 +29,8 @@ gallery_app = typer.Typer(help="Inspect and maintain the identity gallery.", no_
                           add_completion=False, pretty_exceptions_enable=False)
 
 _DB = typer.Option(None, "--db", help="Gallery SQLite file [default: $CDFACE_SERVE_DB_PATH or gallery.db].")
+_URL = typer.Option(None, "--database-url", help="PostgreSQL gallery, postgresql://... (instead of --db) "
+                    "[default: $CDFACE_SERVE_DATABASE_URL].")
 
 
 def _settings(**overrides: Any):
@@ -40,10 +42,10 @@ def _settings(**overrides: Any):
         raise CdfaceError(f"invalid serving settings: {exc}".replace("\n", " ")) from None
 
 
-def _store(db: Optional[Path]):
-    from serving.store import SQLiteStore
+def _store(db: Optional[Path], database_url: Optional[str] = None):
+    from serving.service import open_store
 
-    return SQLiteStore(_settings(db_path=db).db_path)
+    return open_store(_settings(db_path=db, database_url=database_url))
 
 
 def serve_command(
@@ -74,42 +76,44 @@ def keys_create(
     name: str = typer.Option(..., "--name", help="Who or what the key is for."),
     scope: list[str] = typer.Option(..., "--scope", help="embed, verify, identify, enroll, delete, admin (repeat)."),
     db: Optional[Path] = _DB,
+    database_url: Optional[str] = _URL,
 ) -> None:
     """Create a key; it is printed once, only its hash is stored."""
     from serving.auth import create_key
 
     settings = _settings(db_path=db)
     pepper = settings.key_pepper.get_secret_value() if settings.key_pepper else None
-    key, record = create_key(_store(db), name, scope, pepper)
+    key, record = create_key(_store(db, database_url), name, scope, pepper)
     print(key)
     print(f"created key {record.id} ({record.name}) with scopes {', '.join(record.scopes)}; it is not shown again",
           file=sys.stderr)
 
 
 @keys_app.command("list")
-def keys_list(db: Optional[Path] = _DB) -> None:
+def keys_list(db: Optional[Path] = _DB, database_url: Optional[str] = _URL) -> None:
     """List keys (ids, names, scopes; never the secrets)."""
-    for k in _store(db).list_keys():
+    for k in _store(db, database_url).list_keys():
         state = f"revoked {k.revoked}" if k.revoked else "active"
         print(f"{k.id}\t{k.name}\t{','.join(k.scopes)}\t{k.created}\t{state}")
 
 
 @keys_app.command("revoke")
-def keys_revoke(key_id: str = typer.Argument(..., help="The key id (the part after 'cdf_')."), db: Optional[Path] = _DB) -> None:
+def keys_revoke(key_id: str = typer.Argument(..., help="The key id (the part after 'cdf_')."), db: Optional[Path] = _DB,
+                database_url: Optional[str] = _URL) -> None:
     """Revoke a key; requests with it are refused from now on."""
     from serving.store import NotFound
 
     try:
-        record = _store(db).revoke_key(key_id)
+        record = _store(db, database_url).revoke_key(key_id)
     except NotFound as exc:
         raise CdfaceError(str(exc)) from None
     print(f"revoked {record.id} ({record.name})")
 
 
 @gallery_app.command("status")
-def gallery_status(db: Optional[Path] = _DB) -> None:
+def gallery_status(db: Optional[Path] = _DB, database_url: Optional[str] = _URL) -> None:
     """Faces per model (the served model's are searchable; others need re-embedding or re-enrolment)."""
-    store = _store(db)
+    store = _store(db, database_url)
     counts = store.count_faces_by_model()
     print(json.dumps({"faces_by_model": {str(k): v for k, v in counts.items()}, "last_change": store.last_seq()}))
 
@@ -117,6 +121,7 @@ def gallery_status(db: Optional[Path] = _DB) -> None:
 @gallery_app.command("reembed")
 def gallery_reembed(
     db: Optional[Path] = _DB,
+    database_url: Optional[str] = _URL,
     model_repository: Optional[Path] = typer.Option(None, "--model-repository", help="Triton model repository."),
     model: Optional[str] = typer.Option(None, "--model", help="Triton model name [default: face]."),
     triton_url: Optional[str] = typer.Option(None, "--triton-url", help="Triton gRPC host:port."),
@@ -125,9 +130,10 @@ def gallery_reembed(
     """Recompute every face made by another model from its retained crop, with the served model.
 
     Faces enrolled without a retained crop cannot be re-embedded: they are counted and must be
-    re-enrolled. Restart the gateway afterwards (it rebuilds its index from the store).
+    re-enrolled. Restart the gateway afterwards (it rebuilds its index from the store); gateways on
+    PostgreSQL follow the change log and pick the new embeddings up by themselves.
     """
-    settings = _settings(db_path=db, model_repository=model_repository, model=model, triton_url=triton_url)
+    settings = _settings(db_path=db, database_url=database_url, model_repository=model_repository, model=model, triton_url=triton_url)
     result = asyncio.run(reembed(settings, batch))
     print(json.dumps(result))
 
@@ -138,13 +144,13 @@ async def reembed(settings, batch: int = 32) -> dict[str, Any]:
     import numpy as np
     from PIL import Image
 
-    from serving.service import resolve_manifest
-    from serving.store import ModelKey, SQLiteStore
+    from serving.service import open_store, resolve_manifest
+    from serving.store import ModelKey
     from serving.triton import TritonEmbedder
 
     manifest, version = resolve_manifest(settings)
     target = ModelKey(manifest.name, manifest.version)
-    store = SQLiteStore(settings.db_path)
+    store = open_store(settings)
     embedder = TritonEmbedder(settings.triton_url, settings.model, version, dim=manifest.embedding_size,
                               timeout_s=settings.triton_timeout_s, retries=settings.triton_retries,
                               max_batch=settings.triton_max_batch)

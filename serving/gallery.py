@@ -9,6 +9,13 @@ Ordering rules that make the guarantees hold:
   hit the id in the index, so search results are filtered through the in-memory face -> identity
   map, which loses the face under the same lock as the index.
 
+Several replicas on one PostgreSQL store: each follows the store's change log (``sync``, driven by
+a ``Follower`` thread) so writes made through another replica reach this index. ``applied_seq`` is
+the watermark: every change up to it is in the index. Applying a change is idempotent (a face is
+added only if absent, re-read from the store), so replaying this replica's own writes is harmless.
+Local writes and sync take one write lock, so a sync that read a face cannot re-add it after a
+local delete finished.
+
 Only the served model's embeddings are indexed; faces made by another model are counted as
 needing re-enrolment (or ``cdface gallery reembed`` from their retained crops).
 """
@@ -54,16 +61,23 @@ class Gallery:
         self.index = FaceIndex(dim, spec)
         self._owner: dict[int, str] = {}  # face id -> identity id, for indexed faces
         self._lock = threading.RLock()  # orders index + owner-map updates
+        self._write_lock = threading.Lock()  # orders local writes against sync (see the module docstring)
         self.loaded = False
         self.load_seconds = 0.0
+        self.applied_seq = 0  # every change up to here is in the index
+        self.last_sync: float | None = None  # time.monotonic() of the last successful sync
 
     def load(self) -> None:
         """(Re)build the index from the store: every face the served model made."""
         started = time.perf_counter()
-        ids, identities, vectors = self.store.load_embeddings(self.model, self.dim)
-        with self._lock:
-            self.index.build(ids, vectors)
-            self._owner = dict(zip(ids.tolist(), identities))
+        with self._write_lock:
+            # The watermark first: changes committed while loading are replayed by sync (idempotent).
+            seq = self.store.last_seq()
+            ids, identities, vectors = self.store.load_embeddings(self.model, self.dim)
+            with self._lock:
+                self.index.build(ids, vectors)
+                self._owner = dict(zip(ids.tolist(), identities))
+            self.applied_seq, self.last_sync = seq, time.monotonic()
         self.load_seconds = time.perf_counter() - started
         self.loaded = True
         log.info("gallery loaded: %d faces of %s in %.2f s (%s index)", len(ids), self.model, self.load_seconds,
@@ -74,21 +88,66 @@ class Gallery:
     def enroll(self, identity_id: str, embeddings: np.ndarray, crops: Sequence[bytes | None],
                boxes: Sequence[list[float] | None], qualities: Sequence[dict[str, float]]) -> list[Face]:
         faces = [NewFace(e, self.model, c, b, q) for e, c, b, q in zip(embeddings, crops, boxes, qualities)]
-        stored = self.store.add_faces(identity_id, faces)  # one transaction, durable on return
-        with self._lock:
-            self.index.add(np.array([f.id for f in stored], np.int64), np.asarray(embeddings, np.float32))
-            for f in stored:
-                self._owner[f.id] = identity_id
+        with self._write_lock:
+            stored = self.store.add_faces(identity_id, faces)  # one transaction, durable on return
+            self._add([f.id for f in stored], [identity_id] * len(stored), np.asarray(embeddings, np.float32))
         return stored
 
     def delete_face(self, identity_id: str, face_id: int) -> None:
-        self.store.delete_face(identity_id, face_id)
-        self._forget([face_id])
+        with self._write_lock:
+            self.store.delete_face(identity_id, face_id)
+            self._forget([face_id])
 
     def delete_identity(self, identity_id: str) -> list[int]:
-        face_ids = self.store.delete_identity(identity_id)
-        self._forget(face_ids)
+        with self._write_lock:
+            face_ids = self.store.delete_identity(identity_id)
+            self._forget(face_ids)
         return face_ids
+
+    def _add(self, face_ids: Sequence[int], identities: Sequence[str], vectors: np.ndarray) -> None:
+        with self._lock:
+            fresh = [i for i, face_id in enumerate(face_ids) if face_id not in self._owner]
+            if not fresh:
+                return
+            self.index.add(np.asarray([face_ids[i] for i in fresh], np.int64), vectors[fresh])
+            for i in fresh:
+                self._owner[face_ids[i]] = identities[i]
+
+    # -- following the change log (several replicas) --------------------------------------------
+
+    def sync(self, batch: int = 1000) -> int:
+        """Apply every change after ``applied_seq``; return how many were read."""
+        total = 0
+        with self._write_lock:
+            while True:
+                changes = self.store.changes_since(self.applied_seq, batch)
+                if not changes:
+                    break
+                # Net effect per face, in log order: the face's last change decides.
+                last: dict[int, str] = {}
+                for change in changes:
+                    if change.face_id is not None and change.op.startswith("face."):
+                        last[change.face_id] = change.op
+                gone = [f for f, op in last.items() if op in ("face.delete", "face.reembed") and f in self._owner]
+                wanted = [f for f, op in last.items() if op in ("face.add", "face.reembed")]
+                self._forget(gone)  # a re-embedded face leaves, then returns with its new vector
+                if wanted:
+                    # Re-read from the store: a face deleted or re-embedded by a later change (not in
+                    # this batch yet) is simply absent, and that later change is applied next.
+                    ids, identities, vectors = self.store.embeddings_of(wanted, self.model, self.dim)
+                    self._add(ids.tolist(), identities, vectors)
+                self.applied_seq = changes[-1].seq
+                total += len(changes)
+                if len(changes) < batch:
+                    break
+            self.last_sync = time.monotonic()
+        return total
+
+    def lag(self) -> dict[str, Any]:
+        """How far this replica may be behind the store: changes not yet applied, seconds since a sync."""
+        latest = self.store.last_seq()
+        return {"applied_seq": self.applied_seq, "store_seq": latest, "behind": max(0, latest - self.applied_seq),
+                "seconds_since_sync": None if self.last_sync is None else round(time.monotonic() - self.last_sync, 3)}
 
     def _forget(self, face_ids: Sequence[int]) -> None:
         with self._lock:
@@ -139,3 +198,41 @@ class Gallery:
         return {"consistent": bool(len(missing) == 0 and len(extra) == 0 and np.array_equal(owner_ids, index_ids)),
                 "store_faces": int(len(store_ids)), "index_faces": int(len(index_ids)),
                 "missing_from_index": missing[:20].tolist(), "extra_in_index": extra[:20].tolist()}
+
+
+class Follower:
+    """A thread that keeps a gallery in step with a shared store: woken by NOTIFY, else every ``poll_s``.
+
+    The notification only wakes it; what it applies comes from the change log, so a missed
+    notification (or a database restart) delays a change by at most one poll interval.
+    """
+
+    def __init__(self, gallery: Gallery, poll_s: float) -> None:
+        self.gallery = gallery
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cdface-gallery-follower", daemon=True)
+        self.errors = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        wait = getattr(self.gallery.store, "wait_for_change", None)
+        while not self._stop.is_set():
+            try:
+                if wait is not None:
+                    wait(self.poll_s)
+                else:
+                    self._stop.wait(self.poll_s)
+                if self._stop.is_set():
+                    break
+                self.gallery.sync()
+            except Exception as exc:  # the database is away: report, back off, keep following
+                self.errors += 1
+                log.warning("gallery sync failed (%s); retrying in %.1f s", exc, self.poll_s)
+                self._stop.wait(self.poll_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.poll_s + 5)

@@ -19,7 +19,7 @@ from cdface.errors import CdfaceError
 from cdface.manifest import ModelManifest, read_manifest
 from serving.errors import ApiError
 from serving.faces import Detector, FaceCrop, extract_faces
-from serving.gallery import Gallery
+from serving.gallery import Follower, Gallery
 from serving.imaging import ImageError, decode_image, encode_png
 from serving.index import IndexSpec
 from serving.schemas import ImageInput, ModelInfo
@@ -48,6 +48,37 @@ def resolve_manifest(settings: Settings) -> tuple[ModelManifest, int]:
     return read_manifest(model_dir / str(version) / "manifest.json"), version
 
 
+def open_store(settings: Settings) -> GalleryStore:
+    """PostgreSQL when ``database_url`` is set (several replicas), else the SQLite file ``db_path``."""
+    if settings.database_url is not None:
+        from serving.store_postgres import PostgresStore  # psycopg is needed only here
+
+        return PostgresStore(settings.database_url.get_secret_value())
+    return SQLiteStore(settings.db_path)
+
+
+def bootstrap_admin_key(store: GalleryStore, settings: Settings) -> bool:
+    """Store ``settings.bootstrap_admin_key`` (hashed, admin scope) unless its id is there; True if stored."""
+    from serving.auth import PREFIX, hash_key
+    from serving.store import Conflict
+
+    if settings.bootstrap_admin_key is None:
+        return False
+    key = settings.bootstrap_admin_key.get_secret_value().strip()
+    parts = key.split("_", 2)
+    if len(parts) != 3 or parts[0] != PREFIX or not parts[1] or not parts[2] or len(key) > 256:
+        raise CdfaceError("CDFACE_SERVE_BOOTSTRAP_ADMIN_KEY must look like cdf_<id>_<secret>")
+    if store.find_key(parts[1]) is not None:  # present (or revoked: an operator's decision stands)
+        return False
+    pepper = settings.key_pepper.get_secret_value() if settings.key_pepper else None
+    try:
+        store.add_key(parts[1], hash_key(key, pepper), "bootstrap-admin", ["admin"])
+    except Conflict:  # another replica stored it first
+        return False
+    log.info("stored the bootstrap admin key %s", parts[1])
+    return True
+
+
 @dataclass
 class Prepared:
     image: int
@@ -67,6 +98,13 @@ class FaceService:
         self.model_info = ModelInfo(name=manifest.name, version=manifest.version,
                                     embedding_size=manifest.embedding_size, triton_model=settings.model)
         self.triton_version = triton_version
+        self.follower: Follower | None = None
+
+    def follow(self) -> None:
+        """On a shared store, follow its change log so other replicas' writes reach this index."""
+        if getattr(self.store, "shared", False) and self.follower is None:
+            self.follower = Follower(self.gallery, self.settings.sync_poll_s)
+            self.follower.start()
 
     @classmethod
     def create(cls, settings: Settings) -> "FaceService":
@@ -75,7 +113,8 @@ class FaceService:
             import faiss
 
             faiss.omp_set_num_threads(settings.faiss_threads)
-        store = SQLiteStore(settings.db_path)
+        store = open_store(settings)
+        bootstrap_admin_key(store, settings)
         spec = IndexSpec(settings.index_kind, settings.ivf_nlist, settings.ivf_nprobe, settings.faiss_gpu)
         gallery = Gallery(store, ModelKey(manifest.name, manifest.version), manifest.embedding_size, spec)
         yunet = settings.yunet_model
@@ -92,6 +131,8 @@ class FaceService:
         return cls(settings, manifest, version, store, gallery, detector, embedder)
 
     async def close(self) -> None:
+        if self.follower is not None:
+            await run_in_threadpool(self.follower.stop)
         await self.embedder.close()
         self.store.close()
 

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
 
     # Gallery
     db_path: Path = Path("gallery.db")
+    database_url: SecretStr | None = Field(None, description="postgresql://... : the shared gallery for several "
+                                           "replicas (PostgreSQL); unset: the SQLite file db_path.")
+    sync_poll_s: float = Field(2.0, gt=0, description="PostgreSQL: how often a replica reads the change log when "
+                               "no notification woke it (LISTEN is the fast path, this the fallback).")
+    sync_stale_s: float = Field(30.0, gt=0, description="PostgreSQL: not ready when the last successful sync "
+                                "with the change log is older than this.")
     index_kind: Literal["flat", "ivf"] = "flat"
     ivf_nlist: int = Field(0, ge=0)
     ivf_nprobe: int = Field(64, ge=1)
@@ -68,6 +74,8 @@ class Settings(BaseSettings):
     # Security
     auth: bool = Field(True, description="Require API keys (turn off only on a trusted developer machine).")
     key_pepper: SecretStr | None = Field(None, description="Secret mixed into API-key hashes.")
+    bootstrap_admin_key: SecretStr | None = Field(None, description="An admin API key (cdf_<id>_<secret>) stored, "
+                                                  "hashed, at start if absent: a way in on a fresh database.")
 
     def describe(self) -> dict[str, Any]:
         """The settings as printed at start: secrets masked."""

@@ -138,3 +138,68 @@ def gateway(triton, model_repo, tmp_path_factory):
 @pytest.fixture(scope="session")
 def photos(face_photos) -> dict[str, Path]:
     return face_photos
+
+
+# --------------------------------------------------------------------------------------------------
+# PostgreSQL: a throwaway server per test session (Debian's ``postgresql`` package; .ci/run installs it)
+# --------------------------------------------------------------------------------------------------
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A fresh PostgreSQL cluster on a free port in a temp dir; yields its base URL (no database name).
+
+    initdb refuses to run as root (CI runs as root): then the cluster runs as the ``postgres`` user,
+    in a directory that user owns. Trust authentication on 127.0.0.1 only: it is a throwaway.
+    """
+    import shutil
+    import tempfile
+
+    pytest.importorskip("psycopg", reason="psycopg[binary] (the serve extra) is not installed")
+    bin_dir = _pg_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does it)")
+    as_root = os.geteuid() == 0
+    base = Path(tempfile.mkdtemp(prefix="cdface-pg-"))
+    if as_root:
+        shutil.chown(base, "postgres", "postgres")
+    run_as = ["runuser", "-u", "postgres", "--"] if as_root else []
+    data, port = base / "data", _free_port()
+    subprocess.run(run_as + [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                             "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+    # fsync stays on: the kill -9 test is about what an acknowledged write survives.
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c max_connections=200"
+    subprocess.run(run_as + [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "postgres.log"),
+                             "-o", options, "-w", "-t", "60", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(run_as + [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request) -> str:
+    """A fresh, empty database on the session's server for one test."""
+    import re
+
+    import psycopg
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40] + "_" + os.urandom(3).hex()
+    with psycopg.connect(postgres_server + "/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{postgres_server}/{name}"
+
+
+def start_pg_gateway(workdir: Path, triton_url: str, model_repo: Path, database_url: str, keys: dict[str, str],
+                     **env: str) -> Gateway:
+    """A gateway on the shared PostgreSQL gallery, following its change log every 0.5 s at worst."""
+    return start_gateway(workdir, triton_url, model_repo, keys=keys,
+                         extra_env={"CDFACE_SERVE_DATABASE_URL": database_url, "CDFACE_SERVE_SYNC_POLL_S": "0.5",
+                                    **env})
