@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 DEMO   := work/demo
 MODEL  ?=
 
-.PHONY: setup test demo train-demo bench clean
+.PHONY: setup postgres test demo train-demo bench clean
 
 # The project's environment: torch pinned to the CPU wheel, every stage's extras.
 $(VENV)/.installed: pyproject.toml
@@ -19,7 +19,14 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 	$(BIN)/cdface triton setup
 
-test: setup
+# The PostgreSQL gallery tests start their own throwaway server from Debian's package.
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; \
+	fi
+
+test: setup postgres
 	$(BIN)/python -m pytest -q
 
 demo: setup
