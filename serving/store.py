@@ -115,6 +115,25 @@ class Change:
 class GalleryStore(abc.ABC):
     """What the gateway needs from a store of record. Every write is one transaction and is durable on return."""
 
+    # Row layouts both SQL stores select and decode the same way.
+    _IDENTITY_COLUMNS = ("SELECT i.id, i.external_id, i.name, i.metadata, i.created, i.updated, "
+                         "(SELECT COUNT(*) FROM faces f WHERE f.identity_id = i.id) FROM identities i")
+    _FACE_COLUMNS = ("SELECT id, identity_id, model_name, model_version, dim, created, crop IS NOT NULL, box, quality "
+                     "FROM faces")
+
+    @staticmethod
+    def _identity(row: tuple) -> Identity:
+        return Identity(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], int(row[6]))
+
+    @staticmethod
+    def _face(row: tuple) -> Face:
+        return Face(int(row[0]), row[1], ModelKey(row[2], row[3]), row[4], row[5], bool(row[6]),
+                    json.loads(row[7]) if row[7] else None, json.loads(row[8]))
+
+    @staticmethod
+    def _key(row: tuple) -> ApiKey:
+        return ApiKey(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4])
+
     # identities
     @abc.abstractmethod
     def create_identity(self, external_id: str | None, name: str | None, metadata: dict[str, Any]) -> Identity: ...
@@ -289,21 +308,6 @@ class SQLiteStore(GalleryStore):
         db.execute("INSERT INTO changes (op, identity_id, face_id, at) VALUES (?, ?, ?, ?)",
                    (op, identity_id, face_id, utc_now()))
 
-    _IDENTITY_COLUMNS = ("SELECT i.id, i.external_id, i.name, i.metadata, i.created, i.updated, "
-                         "(SELECT COUNT(*) FROM faces f WHERE f.identity_id = i.id) FROM identities i")
-
-    @staticmethod
-    def _identity(row: tuple) -> Identity:
-        return Identity(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6])
-
-    _FACE_COLUMNS = ("SELECT id, identity_id, model_name, model_version, dim, created, crop IS NOT NULL, box, quality "
-                     "FROM faces")
-
-    @staticmethod
-    def _face(row: tuple) -> Face:
-        return Face(row[0], row[1], ModelKey(row[2], row[3]), row[4], row[5], bool(row[6]),
-                    json.loads(row[7]) if row[7] else None, json.loads(row[8]))
-
     # -- identities -----------------------------------------------------------------------------
 
     def create_identity(self, external_id: str | None, name: str | None, metadata: dict[str, Any]) -> Identity:
@@ -459,10 +463,6 @@ class SQLiteStore(GalleryStore):
         return int(self._read("SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0])
 
     # -- API keys -------------------------------------------------------------------------------
-
-    @staticmethod
-    def _key(row: tuple) -> ApiKey:
-        return ApiKey(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4])
 
     def add_key(self, key_id: str, key_hash: str, name: str, scopes: Sequence[str]) -> ApiKey:
         now = utc_now()

@@ -143,21 +143,6 @@ class PostgresStore(GalleryStore):
         if db.execute("SELECT 1 FROM identities WHERE id = %s", (identity_id,)).fetchone() is None:
             raise NotFound(f"no identity with id {identity_id!r}")
 
-    _IDENTITY_COLUMNS = ("SELECT i.id, i.external_id, i.name, i.metadata, i.created, i.updated, "
-                         "(SELECT COUNT(*) FROM faces f WHERE f.identity_id = i.id) FROM identities i")
-
-    @staticmethod
-    def _identity(row: tuple) -> Identity:
-        return Identity(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], int(row[6]))
-
-    _FACE_COLUMNS = ("SELECT id, identity_id, model_name, model_version, dim, created, crop IS NOT NULL, box, quality "
-                     "FROM faces")
-
-    @staticmethod
-    def _face(row: tuple) -> Face:
-        return Face(int(row[0]), row[1], ModelKey(row[2], row[3]), row[4], row[5], bool(row[6]),
-                    json.loads(row[7]) if row[7] else None, json.loads(row[8]))
-
     # -- identities -----------------------------------------------------------------------------
 
     def create_identity(self, external_id: str | None, name: str | None, metadata: dict[str, Any]) -> Identity:
@@ -350,10 +335,6 @@ class PostgresStore(GalleryStore):
                 pass
 
     # -- API keys -------------------------------------------------------------------------------
-
-    @staticmethod
-    def _key(row: tuple) -> ApiKey:
-        return ApiKey(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4])
 
     def add_key(self, key_id: str, key_hash: str, name: str, scopes: Sequence[str]) -> ApiKey:
         now = utc_now()
