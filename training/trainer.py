@@ -366,6 +366,9 @@ class Trainer:
                 final = self.state(full=False)
                 final["evaluation"] = evaluation
                 save_checkpoint(self.output / "model.pt", final)
+            # Every rank leaves together: a rank tearing down its process group while rank 0 (which
+            # hosts the rendezvous store) is still writing can abort in gloo's threads.
+            distributed.barrier()
         finally:
             if bar is not None:
                 bar.close()
