@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
@@ -401,7 +401,8 @@ def list_faces(identity_id: str, request: Request, _: Any = require("identify"))
 
 
 @v1.delete("/identities/{identity_id}/faces/{face_id}", status_code=204, tags=["gallery"], summary="Delete a face")
-def delete_face(identity_id: str, face_id: int, request: Request, _: Any = require("delete")) -> Response:
+def delete_face(identity_id: str, request: Request, face_id: int = Path(ge=1, le=2**63 - 1),
+                _: Any = require("delete")) -> Response:
     get_service(request).gallery.delete_face(identity_id, face_id)
     return Response(status_code=204)
 
