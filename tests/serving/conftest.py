@@ -128,6 +128,45 @@ def start_gateway(workdir: Path, triton_url: str, model_repo: Path, *, db: Path 
     raise RuntimeError(f"gateway did not answer within 60 s: {log.read_text()[-2000:]}")
 
 
+def enroll_until_killed(gw: "Gateway", people: list[str], crop, seed_base: int = 0,
+                        workers: int = 4, at_least: int = 30) -> list[tuple[str, int]]:
+    """Enroll 3-face batches from several clients, SIGKILL the gateway mid-stream once ``at_least``
+    faces are acknowledged; returns the acknowledged (identity, face id) pairs."""
+    import threading
+
+    acked: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def enroller(worker: int) -> None:
+        n = 0
+        with gw.client("enroll", timeout=10) as c:
+            while not stop.is_set():
+                person = people[(worker + n) % len(people)]
+                images = [{"data": crop(seed_base + worker * 10_000 + n * 3 + j), "mode": "aligned"}
+                          for j in range(3)]
+                n += 1
+                try:
+                    r = c.post(f"/v1/identities/{person}/faces", json={"images": images})
+                except httpx.HTTPError:
+                    return  # the server died mid-request: not acknowledged
+                if r.status_code == 201:
+                    with lock:
+                        acked.extend((person, f["id"]) for f in r.json()["faces"])
+
+    threads = [threading.Thread(target=enroller, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(acked) < at_least and time.monotonic() < deadline:
+        time.sleep(0.05)
+    gw.stop(signal.SIGKILL)
+    stop.set()
+    for t in threads:
+        t.join()
+    return acked
+
+
 @pytest.fixture(scope="session")
 def gateway(triton, model_repo, tmp_path_factory):
     gw = start_gateway(tmp_path_factory.mktemp("gateway"), triton.grpc_url, model_repo)

@@ -7,15 +7,13 @@ deadline, never assumed after a sleep.
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from collections import Counter
 
 import httpx
 import pytest
 
-from .conftest import b64, start_pg_gateway
+from .conftest import b64, enroll_until_killed, start_pg_gateway
 from .test_robustness import _crop
 
 pytestmark = pytest.mark.slow
@@ -126,35 +124,7 @@ def test_kill_9_of_one_replica_mid_write_loses_nothing_acknowledged(replicas, tr
     victim = start_pg_gateway(tmp_path / "victim", triton.grpc_url, model_repo, pg_module_url, keys)
     with victim.client("admin") as c:
         people = [c.post("/v1/identities", json={"external_id": f"pg-k9-{i}"}).json()["id"] for i in range(4)]
-    acked: list[tuple[str, int]] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def enroller(worker: int) -> None:
-        n = 0
-        with victim.client("enroll", timeout=10) as c:
-            while not stop.is_set():
-                person = people[(worker + n) % len(people)]
-                images = [{"data": _crop(50_000 + worker * 10_000 + n * 3 + j), "mode": "aligned"} for j in range(3)]
-                n += 1
-                try:
-                    r = c.post(f"/v1/identities/{person}/faces", json={"images": images})
-                except httpx.HTTPError:
-                    return  # the server died mid-request: not acknowledged
-                if r.status_code == 201:
-                    with lock:
-                        acked.extend((person, f["id"]) for f in r.json()["faces"])
-
-    threads = [threading.Thread(target=enroller, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    end = time.monotonic() + 30
-    while len(acked) < 30 and time.monotonic() < end:
-        time.sleep(0.05)
-    victim.stop(signal.SIGKILL)
-    stop.set()
-    for t in threads:
-        t.join()
+    acked = enroll_until_killed(victim, people, _crop, seed_base=50_000)
     assert len(acked) >= 30
 
     store = PostgresStore(pg_module_url)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import random
-import signal
 import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
 
-from .conftest import b64, start_gateway
+from .conftest import b64, enroll_until_killed, start_gateway
 from .test_bad_input import _png
 
 pytestmark = pytest.mark.slow
@@ -63,35 +61,7 @@ def test_kill_9_during_concurrent_enrollments_loses_no_acknowledged_face(triton,
     gw = start_gateway(tmp_path / "gw", triton.grpc_url, model_repo)
     with gw.client("admin") as c:
         people = [c.post("/v1/identities", json={"external_id": f"k9-{i}"}).json()["id"] for i in range(4)]
-    acked: list[tuple[str, int]] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def enroller(worker: int) -> None:
-        n = 0
-        with gw.client("enroll", timeout=10) as c:
-            while not stop.is_set():
-                person = people[(worker + n) % len(people)]
-                images = [{"data": _crop(worker * 10_000 + n * 3 + j), "mode": "aligned"} for j in range(3)]
-                n += 1
-                try:
-                    r = c.post(f"/v1/identities/{person}/faces", json={"images": images})
-                except httpx.HTTPError:
-                    return  # the server died mid-request: not acknowledged
-                if r.status_code == 201:
-                    with lock:
-                        acked.extend((person, f["id"]) for f in r.json()["faces"])
-
-    threads = [threading.Thread(target=enroller, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while len(acked) < 30 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    gw.stop(signal.SIGKILL)
-    stop.set()
-    for t in threads:
-        t.join()
+    acked = enroll_until_killed(gw, people, _crop)
     assert len(acked) >= 30
 
     with sqlite3.connect(gw.db) as db:
