@@ -389,7 +389,7 @@ def plot_arm_histograms(arms: dict[str, np.ndarray], heldout: Heldout, path: Pat
 
 def plot_arm_rocs(curves: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
     """ROC of every (arm, seed): one colour per arm, one line style per seed, so arms read as groups."""
-    from training.evaluation.plots import _pyplot, _save
+    from training.evaluation.plots import _pyplot, _save, format_roc_axes
     from training.evaluation.roc import roc_curve
 
     plt = _pyplot()
@@ -404,14 +404,7 @@ def plot_arm_rocs(curves: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]], 
         ax.plot(far[visible], tar[visible], styles[seed % len(styles)], color=colour, linewidth=1.3,
                 label=f"{arm}, seed {seed}")
         smallest_far = min(smallest_far, 1.0 / len(impostor))
-    ax.set_xscale("log")
-    ax.set_xlim(max(smallest_far, 1e-6), 1.0)
-    ax.set_ylim(0.0, 1.01)
-    ax.set_xlabel("false accept rate")
-    ax.set_ylabel("true accept rate")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
+    format_roc_axes(ax, smallest_far, title, legend_size=8)
     return _save(fig, path)
 
 

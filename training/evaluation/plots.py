@@ -82,6 +82,12 @@ def plot_roc_curves(
         visible = far > 0
         ax.plot(far[visible], tar[visible], label=label, linewidth=1.5)
         smallest_far = min(smallest_far, 1.0 / len(impostor))
+    format_roc_axes(ax, smallest_far, title)
+    return _save(fig, path)
+
+
+def format_roc_axes(ax, smallest_far: float, title: str, legend_size: float | None = None) -> None:
+    """Log-scale FAR axis starting at the smallest measurable FAR (1 / impostors, not below 1e-6)."""
     ax.set_xscale("log")
     ax.set_xlim(max(smallest_far, 1e-6), 1.0)
     ax.set_ylim(0.0, 1.01)
@@ -89,8 +95,7 @@ def plot_roc_curves(
     ax.set_ylabel("true accept rate")
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title)
-    ax.legend(loc="lower right")
-    return _save(fig, path)
+    ax.legend(loc="lower right", fontsize=legend_size)
 
 
 def similarity_gradient_magnitudes(thetas: np.ndarray) -> dict[str, np.ndarray]:
