@@ -30,10 +30,10 @@ test: setup postgres
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/python -m cdface.demo --workdir $(DEMO) $(if $(MODEL),--model $(MODEL))
+	$(BIN)/python -m cdface.devtools.stack_demo --workdir $(DEMO) $(if $(MODEL),--model $(MODEL))
 
 train-demo: setup
-	$(BIN)/python -m training.demo --workdir work/train-demo
+	$(BIN)/python -m cdface.devtools.train_demo --workdir work/train-demo
 
 bench: setup
 	$(BIN)/python -m benchmarks.train_step --quick

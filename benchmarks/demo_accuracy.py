@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from benchmarks.results import write_result
-from training import demo
-from training.checkpoint import load_checkpoint
+from cdface.training import demo
+from cdface.training.checkpoint import load_checkpoint
 
 
 def accuracy(model_pt: Path) -> dict:

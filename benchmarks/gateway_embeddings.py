@@ -103,10 +103,10 @@ def main() -> None:
 
     import httpx
 
-    from cdface import assets
-    from export.triton_repo import add_model_version
-    from export.triton_server import TritonServer, free_port
-    from export.wrap import wrap_onnx
+    from cdface.core import assets
+    from cdface.export.triton_repo import add_model_version
+    from cdface.devtools.triton_local import TritonServer, free_port
+    from cdface.export.wrap import wrap_onnx
 
     with tempfile.TemporaryDirectory(prefix="cdface-bench-") as tmp:
         tmp = Path(tmp)
@@ -119,7 +119,7 @@ def main() -> None:
             env = {**os.environ, "CDFACE_SERVE_PORT": str(port), "CDFACE_SERVE_DB_PATH": str(tmp / "g.db"),
                    "CDFACE_SERVE_TRITON_URL": server.grpc_url, "CDFACE_SERVE_MODEL_REPOSITORY": str(tmp / "repo"),
                    "CDFACE_SERVE_AUTH": "false", "CDFACE_SERVE_LOG_LEVEL": "warning"}
-            gateway = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve"], cwd=REPO, env=env,
+            gateway = subprocess.Popen([sys.executable, "-m", "cdface.serving.cli", "serve"], cwd=REPO, env=env,
                                        stdout=subprocess.DEVNULL, stderr=open(tmp / "gateway.log", "wb"))
             try:
                 url = f"http://127.0.0.1:{port}"

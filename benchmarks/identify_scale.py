@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.results import write_result
-from serving.gallery import Gallery
-from serving.index import FaceIndex, IndexSpec
-from serving.store import ModelKey, NewFace, SQLiteStore
+from cdface.serving.gallery import Gallery
+from cdface.serving.index import FaceIndex, IndexSpec
+from cdface.serving.store import ModelKey, NewFace, SQLiteStore
 
 DIM = 512
 PER_ID = 10

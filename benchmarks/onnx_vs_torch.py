@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from benchmarks.results import write_result
-from export.onnx_export import EmbeddingModel, export_module
-from training.backbones import create_backbone
+from cdface.export.onnx_export import EmbeddingModel, export_module
+from cdface.training.backbones import create_backbone
 
 TARGET = ">= 1.5"
 

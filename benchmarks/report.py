@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from cdface.atomic import atomic_write_text
+from cdface.core.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

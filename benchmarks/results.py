@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cdface.atomic import atomic_write_text
+from cdface.core.atomic import atomic_write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -41,7 +41,7 @@ from typing import Any, Optional
 import numpy as np
 
 from benchmarks.results import RESULTS_DIR, git_commit, machine, write_result
-from cdface.atomic import atomic_write_text
+from cdface.core.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("cdface.study")
@@ -131,7 +131,7 @@ SIZES = {
 
 def make_data(size: Size, work: Path) -> tuple[Path, Path]:
     """The training RecordIO and the held-out ``heldout.npz``, each made once (their presence marks them done)."""
-    from training.data.synthetic import VAL_ROLE, SyntheticSpec, hard_sample_mask, render_sample, write_recordio
+    from cdface.training.data.synthetic import VAL_ROLE, SyntheticSpec, hard_sample_mask, render_sample, write_recordio
 
     data, heldout = work / "data", work / "heldout.npz"
     manifest = data / "synthetic.json"
@@ -188,8 +188,8 @@ def run_overrides(size: Size, data: Path, out: Path, seed: int) -> list[str]:
 def train_once(size: Size, data: Path, out: Path, seed: int, stage: str,
                lambdas: tuple[float, float] = METHOD, init_from: Optional[Path] = None) -> dict:
     """One training run in this process, unless its ``model.pt`` exists; returns its ``run.json``."""
-    from training.config import load_config
-    from training.trainer import train
+    from cdface.training.config import load_config
+    from cdface.training.trainer import train
 
     record_path = out / "run.json"
     if (out / "model.pt").is_file() and record_path.is_file():
@@ -248,7 +248,7 @@ def embed_model(model_path: Path, heldout: Heldout, device: str) -> np.ndarray:
         embeddings = np.load(cache)
         if embeddings.shape[0] == heldout.images.shape[0]:
             return embeddings
-    from training.evaluation.embedders import TorchEmbedder, embed_images
+    from cdface.training.evaluation.embedders import TorchEmbedder, embed_images
 
     started = time.perf_counter()
     embedder = TorchEmbedder.from_checkpoint(model_path, device=device, batch_size=64)
@@ -270,8 +270,8 @@ def pair_scores(embeddings: np.ndarray, heldout: Heldout) -> np.ndarray:
 
 
 def score_model(embeddings: np.ndarray, heldout: Heldout) -> dict:
-    from training.evaluation.roc import far_key, tar_at_far
-    from training.evaluation.verification import verification_accuracy
+    from cdface.training.evaluation.roc import far_key, tar_at_far
+    from cdface.training.evaluation.verification import verification_accuracy
 
     scores = pair_scores(embeddings, heldout)
     verification = verification_accuracy(scores[heldout.balanced], heldout.same[heldout.balanced])
@@ -310,7 +310,7 @@ def rrb_losses(run_dir: Path) -> dict:
 
 def mining_recall(pretrain_dir: Path, data: Path, quantile: float = 0.2) -> Optional[dict]:
     """How many ground-truth hard samples the pretrain's difficulty score puts below the mining threshold."""
-    from training.checkpoint import load_checkpoint
+    from cdface.training.checkpoint import load_checkpoint
 
     manifest = json.loads((data / "synthetic.json").read_text())
     hard = np.asarray(manifest["hard_samples"], dtype=np.int64)
@@ -368,7 +368,7 @@ def compare(baseline: list[Optional[float]], method: list[Optional[float]], labe
 def plot_arm_histograms(arms: dict[str, np.ndarray], heldout: Heldout, path: Path) -> Path:
     """Positive/negative similarity histograms of each arm side by side (the supplement's Fig. A1 shape)."""
     # The evaluation package's Agg setup and atomic PNG writer, so every figure of the project is saved alike.
-    from training.evaluation.plots import _pyplot, _save
+    from cdface.training.evaluation.plots import _pyplot, _save
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(arms), figsize=(5 * len(arms), 3.6), sharey=True)
@@ -389,8 +389,8 @@ def plot_arm_histograms(arms: dict[str, np.ndarray], heldout: Heldout, path: Pat
 
 def plot_arm_rocs(curves: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
     """ROC of every (arm, seed): one colour per arm, one line style per seed, so arms read as groups."""
-    from training.evaluation.plots import _pyplot, _save, format_roc_axes
-    from training.evaluation.roc import roc_curve
+    from cdface.training.evaluation.plots import _pyplot, _save, format_roc_axes
+    from cdface.training.evaluation.roc import roc_curve
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -686,7 +686,7 @@ def run_study(size: Size, work: Path, doc: Path, figures: Path, results_dir: Pat
                       "scores": evaluate(out)[0], "losses": rrb_losses(out)})
 
     # -- statistics
-    from training.evaluation.roc import far_key
+    from cdface.training.evaluation.roc import far_key
 
     def arm_summary(label: str, lambdas: str, key: str) -> dict:
         return {"label": label, "lambdas": lambdas,
@@ -723,7 +723,7 @@ def run_study(size: Size, work: Path, doc: Path, figures: Path, results_dir: Pat
 
     # -- figures
     figures.mkdir(parents=True, exist_ok=True)
-    from training.evaluation.plots import plot_similarity_gradients
+    from cdface.training.evaluation.plots import plot_similarity_gradients
 
     prefix = f"study_{size.name}"
     hist = plot_arm_histograms({f"ArcFace alone ({lambda_label(BASELINE)}), seed 0": arm_embeddings[(0, BASELINE)],
@@ -739,7 +739,7 @@ def run_study(size: Size, work: Path, doc: Path, figures: Path, results_dir: Pat
     gradients = plot_similarity_gradients(figures / "study_similarity_gradients.png")
 
     impostors = int((~heldout.same).sum())
-    from training.evaluation.roc import allowed_false_accepts
+    from cdface.training.evaluation.roc import allowed_false_accepts
 
     report = {
         "command": command,

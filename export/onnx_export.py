@@ -28,9 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cdface.errors import CdfaceError
-from cdface.face import INPUT_SIZE, PIXEL_MEAN, PIXEL_STD
-from cdface.manifest import (
+from cdface.core.errors import CdfaceError
+from cdface.core.contract import INPUT_NAME, INPUT_SIZE, OUTPUT_NAME, PARITY_MIN_COSINE, PIXEL_MEAN, PIXEL_STD
+from cdface.core.digest import sha256_bytes, sha256_file
+from cdface.core.manifest import (
     ExportResult,
     ModelManifest,
     check_name_version,
@@ -40,19 +41,14 @@ from cdface.manifest import (
     config_digest,
     publish_model,
     read_eval_report,
-    sha256_bytes,
-    sha256_file,
     utc_now,
 )
-from training.checkpoint import build_backbone_from, load_checkpoint
-from training.preprocess import to_model_input
+from cdface.training.checkpoint import build_backbone_from, load_checkpoint
+from cdface.training.preprocess import to_model_input
 
 __all__ = ["EmbeddingModel", "ExportResult", "export_checkpoint", "export_module", "check_batch", "PARITY_MIN_COSINE"]
 
 OPSET = 20
-PARITY_MIN_COSINE = 0.99999
-INPUT_NAME = "images"
-OUTPUT_NAME = "embedding"
 
 
 class EmbeddingModel(nn.Module):
@@ -104,7 +100,7 @@ def _onnx_to_proto(module: nn.Module, opset: int):
             opset_version=opset,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            dynamic_shapes={"images": {0: batch}},
+            dynamic_shapes={INPUT_NAME: {0: batch}},
             optimize=True,
             verbose=False,
         )

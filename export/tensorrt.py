@@ -28,14 +28,14 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from cdface.atomic import atomic_write_bytes, atomic_write_text
-from cdface.errors import CdfaceError
-from cdface.face import INPUT_SIZE
-from cdface.manifest import sha256_file
+from cdface.core.atomic import atomic_write_bytes, atomic_write_text
+from cdface.core.errors import CdfaceError
+from cdface.core.imaging import read_aligned_crop
+from cdface.core.contract import INPUT_NAME, INPUT_SIZE
+from cdface.core.digest import sha256_bytes, sha256_file
 
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS = ("fp32", "fp16", "int8")
-INPUT_NAME = "images"
 DEFAULT_LOCK_TIMEOUT_S = 3600.0  # an IR-100 INT8 build with calibration can take tens of minutes
 
 # A build function turns (onnx path, key) into serialized engine bytes. The real one is
@@ -83,7 +83,7 @@ class EngineKey:
     @property
     def digest(self) -> str:
         canonical = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return sha256_bytes(canonical.encode())
 
     @property
     def filename(self) -> str:
@@ -111,7 +111,7 @@ def engine_key(
     digest = sha256_file(onnx_path)
     if precision == "int8" and calib_digest:
         # INT8 scales depend on the calibration images: a different set is a different engine.
-        digest = hashlib.sha256(f"{digest}:{calib_digest}".encode()).hexdigest()
+        digest = sha256_bytes(f"{digest}:{calib_digest}".encode())
     return EngineKey(
         onnx_sha256=digest,
         gpu_name=gpu_name if gpu_name is not None else current_gpu_name(),
@@ -153,7 +153,7 @@ def cached_engine(
                 raise CdfaceError("the TensorRT build produced no engine")
             # Engine first, sidecar last: a sidecar is the mark of a complete engine.
             atomic_write_bytes(engine, data)
-            record = {"key": key.as_dict(), "digest": key.digest, "engine_sha256": hashlib.sha256(data).hexdigest(),
+            record = {"key": key.as_dict(), "digest": key.digest, "engine_sha256": sha256_bytes(data),
                       "build_seconds": round(time.monotonic() - started, 3)}
             atomic_write_text(sidecar, json.dumps(record, indent=2) + "\n")
             return engine, True
@@ -211,21 +211,12 @@ def current_gpu_name(device: int = 0) -> str:
 
 
 def read_calibration_images(calib_dir: str | os.PathLike, input_size: int = INPUT_SIZE, limit: int = 1024) -> np.ndarray:
-    """Aligned crops (any image files PIL reads) from ``calib_dir`` as uint8 [N, S, S, 3] RGB."""
-    from PIL import Image
-
+    """Aligned crops (JPEG, PNG or WebP files) from ``calib_dir`` as uint8 [N, S, S, 3] RGB."""
     calib_dir = Path(calib_dir)
-    files = sorted(p for p in calib_dir.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"})[:limit]
+    files = sorted(p for p in calib_dir.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})[:limit]
     if not files:
-        raise CdfaceError(f"no calibration images (jpg/png/bmp/webp) found in {calib_dir}")
-    crops = []
-    for path in files:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (input_size, input_size):
-                raise CdfaceError(f"calibration image {path} is {im.size[0]}x{im.size[1]}, expected aligned {input_size}x{input_size} crops")
-            crops.append(np.asarray(im, dtype=np.uint8))
-    return np.stack(crops)
+        raise CdfaceError(f"no calibration images (jpg/png/webp) found in {calib_dir}")
+    return np.stack([read_aligned_crop(path, input_size) for path in files])
 
 
 def calibration_digest(calib_dir: str | os.PathLike) -> str:

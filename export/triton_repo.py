@@ -30,15 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from cdface.atomic import atomic_write_text
-from cdface.errors import CdfaceError
-from cdface.face import INPUT_SIZE
+from cdface.core.atomic import atomic_write_text
+from cdface.core.errors import CdfaceError
+from cdface.core.contract import INPUT_NAME, INPUT_SIZE, OUTPUT_NAME
 
 Backend = Literal["python", "onnxruntime_onnx", "tensorrt_plan"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "embedding"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.pbtxt"
 
@@ -228,7 +226,7 @@ class ModelSettings:
         from google.protobuf import text_format
 
         header = (f"# Triton model configuration for {self.name!r}, written by cdface (export/triton_repo.py).\n"
-                  "# Regenerate it with `cdface triton add-version` rather than editing it by hand.\n")
+                  "# Regenerate it with `cdface export triton` rather than editing it by hand.\n")
         return header + text_format.MessageToString(self.to_proto())
 
     @classmethod
@@ -345,10 +343,10 @@ def _onnx_embedding_size(onnx_path: Path) -> int | None:
 def _read_export(export_dir: Path, backend: str) -> tuple[list[Path], int]:
     """(files to copy into the version directory, embedding size D) for one exported model.
 
-    The manifest is validated (``cdface.manifest``) and the ONNX file must be the one it describes:
+    The manifest is validated (``cdface.core.manifest``) and the ONNX file must be the one it describes:
     the repository serves only what the manifest vouches for.
     """
-    from cdface.manifest import read_manifest, verify_onnx_hash
+    from cdface.core.manifest import read_manifest, verify_onnx_hash
 
     if not export_dir.is_dir():
         raise CdfaceError(f"export directory {export_dir} does not exist.")
@@ -507,7 +505,7 @@ def set_version_policy(repo: str | os.PathLike, model_name: str, policy: "str | 
 
 
 def read_version_manifest(repo: str | os.PathLike, model_name: str, version: int):
-    """The validated manifest of one served version (a ``cdface.manifest.ModelManifest``)."""
-    from cdface.manifest import read_manifest
+    """The validated manifest of one served version (a ``cdface.core.manifest.ModelManifest``)."""
+    from cdface.core.manifest import read_manifest
 
     return read_manifest(Path(repo) / model_name / str(version) / MANIFEST_FILE)

@@ -20,9 +20,10 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from cdface.errors import CdfaceError
-from cdface.face import INPUT_SIZE
-from cdface.manifest import (
+from cdface.core.errors import CdfaceError
+from cdface.core.contract import INPUT_NAME, INPUT_SIZE, OUTPUT_NAME, PARITY_MIN_COSINE
+from cdface.core.digest import sha256_bytes, sha256_file
+from cdface.core.manifest import (
     ExportResult,
     ModelManifest,
     Normalisation,
@@ -30,16 +31,11 @@ from cdface.manifest import (
     Source,
     check_name_version,
     publish_model,
-    sha256_bytes,
-    sha256_file,
     utc_now,
 )
 
 __all__ = ["wrap_onnx", "prepare_source", "ExportResult"]
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "embedding"
-PARITY_MIN_COSINE = 0.99999
 _PRE = "cdface_pre_"
 _POST = "cdface_post_"
 _BATCH = "N"

@@ -22,13 +22,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from serving import schemas as s
-from serving.auth import allows, verify_key
-from serving.errors import ApiError, install_error_handlers, validation_message
-from serving.metrics import Metrics
-from serving.service import FaceService
-from serving.settings import Settings
-from serving.store import ApiKey, Face
+from cdface.serving import schemas as s
+from cdface.serving.auth import allows, verify_key
+from cdface.serving.errors import ApiError, install_error_handlers, validation_message
+from cdface.serving.metrics import Metrics
+from cdface.serving.service import FaceService
+from cdface.serving.settings import Settings
+from cdface.serving.store import ApiKey, Face
 
 log = logging.getLogger("cdface.serving")
 

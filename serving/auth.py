@@ -13,7 +13,7 @@ import hmac
 import secrets
 from typing import Sequence
 
-from serving.store import ApiKey, GalleryStore
+from cdface.serving.store import ApiKey, GalleryStore
 
 SCOPES = ("embed", "verify", "identify", "enroll", "delete", "admin")
 PREFIX = "cdf"
@@ -27,7 +27,7 @@ def create_key(store: GalleryStore, name: str, scopes: Sequence[str], pepper: st
     """Make a key; return (the key, shown only now, and its record)."""
     bad = [s for s in scopes if s not in SCOPES]
     if bad or not scopes:
-        from cdface.errors import CdfaceError
+        from cdface.core.errors import CdfaceError
 
         raise CdfaceError(f"scopes must be a non-empty subset of {', '.join(SCOPES)}; got {list(scopes)}")
     key_id = secrets.token_hex(6)

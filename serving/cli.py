@@ -2,12 +2,12 @@
 
 Register in ``cdface/cli.py``::
 
-    from serving.cli import gallery_app, keys_app, serve_command
+    from cdface.serving.cli import gallery_app, keys_app, serve_command
     app.command("serve")(serve_command)
     app.add_typer(keys_app, name="keys")
     app.add_typer(gallery_app, name="gallery")
 
-``python -m serving.cli`` runs the same three without the rest of cdface.
+``python -m cdface.serving.cli`` runs the same three without the rest of cdface.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import typer
 
-from cdface.errors import CdfaceError, exit_on_error
+from cdface.core.errors import CdfaceError, exit_on_error
 
 keys_app = typer.Typer(help="Manage API keys (stored hashed in the gallery database).", no_args_is_help=True,
                        add_completion=False, pretty_exceptions_enable=False)
@@ -34,7 +34,7 @@ _URL = typer.Option(None, "--database-url", help="PostgreSQL gallery, postgresql
 
 
 def _settings(**overrides: Any):
-    from serving.settings import Settings
+    from cdface.serving.settings import Settings
 
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -43,7 +43,7 @@ def _settings(**overrides: Any):
 
 
 def _store(db: Optional[Path], database_url: Optional[str] = None):
-    from serving.service import open_store
+    from cdface.serving.service import open_store
 
     return open_store(_settings(db_path=db, database_url=database_url))
 
@@ -59,7 +59,7 @@ def serve_command(
     """Run the HTTP gateway (settings from CDFACE_SERVE_* variables; options override them)."""
     import uvicorn
 
-    from serving.app import create_app
+    from cdface.serving.app import create_app
 
     settings = _settings(host=host, port=port, db_path=db, model_repository=model_repository, model=model,
                          triton_url=triton_url)
@@ -79,7 +79,7 @@ def keys_create(
     database_url: Optional[str] = _URL,
 ) -> None:
     """Create a key; it is printed once, only its hash is stored."""
-    from serving.auth import create_key
+    from cdface.serving.auth import create_key
 
     settings = _settings(db_path=db)
     pepper = settings.key_pepper.get_secret_value() if settings.key_pepper else None
@@ -101,7 +101,7 @@ def keys_list(db: Optional[Path] = _DB, database_url: Optional[str] = _URL) -> N
 def keys_revoke(key_id: str = typer.Argument(..., help="The key id (the part after 'cdf_')."), db: Optional[Path] = _DB,
                 database_url: Optional[str] = _URL) -> None:
     """Revoke a key; requests with it are refused from now on."""
-    from serving.store import NotFound
+    from cdface.serving.store import NotFound
 
     try:
         record = _store(db, database_url).revoke_key(key_id)
@@ -139,14 +139,12 @@ def gallery_reembed(
 
 
 async def reembed(settings, batch: int = 32) -> dict[str, Any]:
-    import io
-
     import numpy as np
-    from PIL import Image
 
-    from serving.service import open_store, resolve_manifest
-    from serving.store import ModelKey
-    from serving.triton import TritonEmbedder
+    from cdface.core.imaging import decode_image
+    from cdface.serving.service import open_store, resolve_manifest
+    from cdface.serving.store import ModelKey
+    from cdface.serving.triton import TritonEmbedder
 
     manifest, version = resolve_manifest(settings)
     target = ModelKey(manifest.name, manifest.version)
@@ -159,7 +157,7 @@ async def reembed(settings, batch: int = 32) -> dict[str, Any]:
         pending = list(store.faces_to_reembed(target))
         for i in range(0, len(pending), batch):
             chunk = pending[i:i + batch]
-            crops = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for _, png in chunk])
+            crops = np.stack([decode_image(png, what=f"retained crop of face {fid}") for fid, png in chunk])
             vectors = await embedder.embed(crops)
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
             done += store.replace_embeddings([(fid, v) for (fid, _), v in zip(chunk, vectors)], target)

@@ -13,9 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.imaging import ImageError
-from serving.store import Conflict, NotFound, StoreError
-from serving.triton import TritonRejected, TritonUnavailable
+from cdface.core.imaging import ImageError
+from cdface.serving.store import Conflict, NotFound, StoreError
+from cdface.serving.triton import TritonRejected, TritonUnavailable
 
 log = logging.getLogger("cdface.serving")
 

@@ -6,7 +6,7 @@ Three ways in (``FaceMode``):
 - ``landmarks``: a photo plus the caller's five landmarks (ArcFace order);
 - ``detect`` (the largest face) / ``detect_all`` (every face): YuNet through ``cv2.FaceDetectorYN``.
 
-Alignment is the similarity warp of ``cdface.alignment``. Quality per face: the detector's score,
+Alignment is the similarity warp of ``cdface.core.alignment``. Quality per face: the detector's score,
 the face size (shorter side of the box, in pixels) and sharpness (variance of the Laplacian of the
 aligned crop; low = blurred); callers filter on them with ``min_face_size`` / ``min_score``.
 """
@@ -21,9 +21,9 @@ from typing import Literal
 
 import numpy as np
 
-from cdface.alignment import align_face
-from cdface.face import INPUT_SIZE
-from serving.imaging import ImageError
+from cdface.core.alignment import align_face
+from cdface.core.contract import INPUT_SIZE
+from cdface.core.imaging import ImageError
 
 FaceMode = Literal["aligned", "landmarks", "detect", "detect_all"]
 

@@ -30,8 +30,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from serving.index import FaceIndex, IndexSpec
-from serving.store import Face, GalleryStore, ModelKey, NewFace
+from cdface.serving.index import FaceIndex, IndexSpec
+from cdface.serving.store import Face, GalleryStore, ModelKey, NewFace
 
 log = logging.getLogger("cdface.serving.gallery")
 

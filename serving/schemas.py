@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serving.faces import FaceMode
+from cdface.serving.faces import FaceMode
 
 _EXAMPLE_B64 = "/9j/4AAQSkZJRgABAQAAAQABAAD..."
 

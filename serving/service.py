@@ -15,17 +15,17 @@ from pathlib import Path
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from cdface.errors import CdfaceError
-from cdface.manifest import ModelManifest, read_manifest
-from serving.errors import ApiError
-from serving.faces import Detector, FaceCrop, extract_faces
-from serving.gallery import Follower, Gallery
-from serving.imaging import ImageError, decode_image, encode_png
-from serving.index import IndexSpec
-from serving.schemas import ImageInput, ModelInfo
-from serving.settings import Settings
-from serving.store import Face, GalleryStore, ModelKey, SQLiteStore
-from serving.triton import TritonEmbedder
+from cdface.core.errors import CdfaceError
+from cdface.core.manifest import ModelManifest, read_manifest
+from cdface.serving.errors import ApiError
+from cdface.serving.faces import Detector, FaceCrop, extract_faces
+from cdface.serving.gallery import Follower, Gallery
+from cdface.core.imaging import ImageError, decode_image, encode_png
+from cdface.serving.index import IndexSpec
+from cdface.serving.schemas import ImageInput, ModelInfo
+from cdface.serving.settings import Settings
+from cdface.serving.store import Face, GalleryStore, ModelKey, SQLiteStore
+from cdface.serving.triton import TritonEmbedder
 
 log = logging.getLogger("cdface.serving")
 
@@ -51,7 +51,7 @@ def resolve_manifest(settings: Settings) -> tuple[ModelManifest, int]:
 def open_store(settings: Settings) -> GalleryStore:
     """PostgreSQL when ``database_url`` is set (several replicas), else the SQLite file ``db_path``."""
     if settings.database_url is not None:
-        from serving.store_postgres import PostgresStore  # psycopg is needed only here
+        from cdface.serving.store_postgres import PostgresStore  # psycopg is needed only here
 
         return PostgresStore(settings.database_url.get_secret_value())
     return SQLiteStore(settings.db_path)
@@ -59,8 +59,8 @@ def open_store(settings: Settings) -> GalleryStore:
 
 def bootstrap_admin_key(store: GalleryStore, settings: Settings) -> bool:
     """Store ``settings.bootstrap_admin_key`` (hashed, admin scope) unless its id is there; True if stored."""
-    from serving.auth import PREFIX, hash_key
-    from serving.store import Conflict
+    from cdface.serving.auth import PREFIX, hash_key
+    from cdface.serving.store import Conflict
 
     if settings.bootstrap_admin_key is None:
         return False
@@ -119,7 +119,7 @@ class FaceService:
         gallery = Gallery(store, ModelKey(manifest.name, manifest.version), manifest.embedding_size, spec)
         yunet = settings.yunet_model
         if yunet is None:
-            from cdface import assets
+            from cdface.core import assets
 
             yunet = assets.yunet_onnx()
         detector = Detector(yunet, score=settings.detect_score, max_side=settings.detect_max_side,

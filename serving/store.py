@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from cdface.errors import CdfaceError
+from cdface.core.errors import CdfaceError
 
 
 class StoreError(CdfaceError):

@@ -24,8 +24,8 @@ import numpy as np
 import psycopg
 from psycopg import errors as pg_errors
 
-from cdface.errors import CdfaceError
-from serving.store import (ApiKey, Change, Conflict, Face, GalleryStore, Identity, ModelKey, NewFace, NotFound,
+from cdface.core.errors import CdfaceError
+from cdface.serving.store import (ApiKey, Change, Conflict, Face, GalleryStore, Identity, ModelKey, NewFace, NotFound,
                            StoreError, new_identity_id, utc_now)
 
 CHANNEL = "cdface_changes"

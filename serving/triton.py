@@ -17,11 +17,10 @@ import logging
 import time
 
 import numpy as np
+from cdface.core.contract import INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger("cdface.serving.triton")
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "embedding"
 
 # gRPC status codes worth a retry: the server is (re)starting, overloaded, or the call timed out.
 _RETRYABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",

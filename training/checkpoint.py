@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from cdface.atomic import atomic_write_bytes
-from cdface.errors import CdfaceError
-from training.backbones import create_backbone
+from cdface.core.atomic import atomic_write_bytes
+from cdface.core.errors import CdfaceError
+from cdface.training.backbones import create_backbone
 
 FORMAT = "cdface-checkpoint/1"
 

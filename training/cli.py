@@ -21,7 +21,7 @@ def train_command(
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved configuration and exit"),
 ) -> None:
     """Train one stage (pretrain: plain ArcFace; joint: + closeness/diversity with soft mining)."""
-    from training.config import load_config
+    from cdface.training.config import load_config
 
     cfg = load_config(preset, overrides or [])
     if print_config:
@@ -29,7 +29,7 @@ def train_command(
         return
     import os
 
-    from training.trainer import train
+    from cdface.training.trainer import train
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -46,7 +46,7 @@ def make_evaluator(bin_paths: list[str]):
         return None
 
     def evaluate(backbone) -> dict:
-        from training.evaluation import evaluate_checkpoint_model
+        from cdface.training.evaluation import evaluate_checkpoint_model
 
         return evaluate_checkpoint_model(backbone, bin_paths, model_label="training")
 

@@ -1,7 +1,7 @@
 """The training configuration: typed, with the reference values of the method as defaults.
 
 Filled from a preset (``training/presets/<name>.yaml`` or a path), then ``CDFACE_TRAIN__*``
-environment variables, then ``--set section.key=value``; see ``cdface.config``.
+environment variables, then ``--set section.key=value``; see ``cdface.core.config``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cdface.config import build_config, read_yaml
-from cdface.errors import CdfaceError
+from cdface.core.config import build_config, read_yaml
+from cdface.core.errors import CdfaceError
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 ENV_PREFIX = "CDFACE_TRAIN__"

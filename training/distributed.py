@@ -13,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from cdface.errors import CdfaceError
+from cdface.core.errors import CdfaceError
 
 
 @dataclass(frozen=True)

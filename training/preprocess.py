@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cdface.face import PIXEL_MEAN, PIXEL_STD
+from cdface.core.contract import PIXEL_MEAN, PIXEL_STD
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:

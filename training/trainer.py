@@ -28,17 +28,17 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cdface.errors import CdfaceError
-from training import distributed
-from training.backbones import create_backbone
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import TrainConfig
-from training.data.dataset import EpochBatchSampler, FaceDataset, open_dataset
-from training.heads import create_head
-from training.losses import closeness_loss, diversity_loss
-from training.metrics import MetricsLog
-from training.mining import MinedBatch, ScoreBank, SoftMiner, identities_per_rank
-from training.preprocess import to_model_input
+from cdface.core.errors import CdfaceError
+from cdface.training import distributed
+from cdface.training.backbones import create_backbone
+from cdface.training.checkpoint import load_checkpoint, save_checkpoint
+from cdface.training.config import TrainConfig
+from cdface.training.data.dataset import EpochBatchSampler, FaceDataset, open_dataset
+from cdface.training.heads import create_head
+from cdface.training.losses import closeness_loss, diversity_loss
+from cdface.training.metrics import MetricsLog
+from cdface.training.mining import MinedBatch, ScoreBank, SoftMiner, identities_per_rank
+from cdface.training.preprocess import to_model_input
 
 log = logging.getLogger("cdface.train")
 

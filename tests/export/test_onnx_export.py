@@ -14,12 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cdface.errors import CdfaceError
-from cdface.manifest import config_digest, read_manifest, sha256_file, verify_onnx_hash
-from export.onnx_export import PARITY_MIN_COSINE, export_checkpoint
-from training.backbones import create_backbone
-from training.checkpoint import load_backbone, save_checkpoint
-from training.preprocess import to_model_input
+from cdface.core.errors import CdfaceError
+from cdface.core.digest import sha256_file
+from cdface.core.manifest import config_digest, read_manifest, verify_onnx_hash
+from cdface.export.onnx_export import PARITY_MIN_COSINE, export_checkpoint
+from cdface.training.backbones import create_backbone
+from cdface.training.checkpoint import load_backbone, save_checkpoint
+from cdface.training.preprocess import to_model_input
 
 REPO = Path(__file__).resolve().parents[2]
 CDFACE = Path(sys.executable).parent / "cdface"

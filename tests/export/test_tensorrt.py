@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cdface.errors import CdfaceError
-from export.tensorrt import EngineKey, Profile, cached_engine, engine_key
+from cdface.core.errors import CdfaceError
+from cdface.export.tensorrt import EngineKey, Profile, cached_engine, engine_key
 
 REPO = Path(__file__).resolve().parents[2]
 CDFACE = Path(sys.executable).parent / "cdface"
@@ -107,7 +107,7 @@ def test_two_processes_one_builds_the_other_waits_and_reuses(onnx_file, tmp_path
     script.write_text(textwrap.dedent(f"""
         import json, sys, time
         from pathlib import Path
-        from export.tensorrt import Profile, cached_engine, engine_key
+        from cdface.export.tensorrt import Profile, cached_engine, engine_key
 
         here = Path({str(tmp_path)!r})
         (here / ("started-" + sys.argv[1])).touch()

@@ -10,8 +10,8 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 from typer.testing import CliRunner
 
-from cdface.errors import CdfaceError
-from export.triton_repo import (
+from cdface.core.errors import CdfaceError
+from cdface.export.triton_repo import (
     ModelSettings,
     VersionPolicy,
     add_model_version,
@@ -182,11 +182,11 @@ def test_exports_that_break_the_contract_are_refused(tmp_path, exported_model):
 
 
 def test_cli_add_version(tmp_path, exported_model):
-    from export.triton_cli import app
+    from cdface.export.cli import app
 
     repo = tmp_path / "repo"
     runner = CliRunner()
-    result = runner.invoke(app, ["add-version", str(repo), str(exported_model.dir), "--model", "face",
+    result = runner.invoke(app, ["triton", str(repo), str(exported_model.dir), "--model", "face",
                                  "--backend", "onnxruntime_onnx", "--preferred", "4,8", "--queue-delay-us", "300",
                                  "--instances", "3", "--version-policy", "all"])
     assert result.exit_code == 0, result.output
@@ -197,7 +197,7 @@ def test_cli_add_version(tmp_path, exported_model):
     assert hashlib.sha256((repo / "face" / "1" / "model.onnx").read_bytes()).hexdigest() == \
         exported_model.manifest["onnx_sha256"]
 
-    bad = runner.invoke(app, ["add-version", str(repo), str(exported_model.dir), "--model", "face",
+    bad = runner.invoke(app, ["triton", str(repo), str(exported_model.dir), "--model", "face",
                               "--backend", "tensorflow"])
     assert bad.exit_code != 0 and isinstance(bad.exception, CdfaceError)
 

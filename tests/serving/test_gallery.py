@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.gallery import Gallery
-from serving.index import FaceIndex, IndexSpec
-from serving.store import Conflict, ModelKey, NotFound, SQLiteStore
+from cdface.serving.gallery import Gallery
+from cdface.serving.index import FaceIndex, IndexSpec
+from cdface.serving.store import Conflict, ModelKey, NotFound, SQLiteStore
 
 MODEL = ModelKey("sface", 1)
 DIM = 16
@@ -49,7 +49,7 @@ def test_store_identities_crud_pagination_and_change_log(store):
 def test_face_ids_are_never_reused_and_deletes_cascade(store):
     rng = np.random.default_rng(0)
     a = store.create_identity(None, None, {})
-    from serving.store import NewFace
+    from cdface.serving.store import NewFace
     faces = store.add_faces(a.id, [NewFace(v, MODEL) for v in unit(rng, 3)])
     store.delete_face(a.id, faces[-1].id)
     again = store.add_faces(a.id, [NewFace(unit(rng, 1)[0], MODEL)])

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from serving.store import Conflict, ModelKey, NewFace, NotFound, SQLiteStore
+from cdface.serving.store import Conflict, ModelKey, NewFace, NotFound, SQLiteStore
 
 M1, M2 = ModelKey("face", 1), ModelKey("face", 2)
 
@@ -20,7 +20,7 @@ def store(request, tmp_path):
     if request.param == "sqlite":
         s = SQLiteStore(tmp_path / "g.db")
     else:
-        from serving.store_postgres import PostgresStore
+        from cdface.serving.store_postgres import PostgresStore
 
         s = PostgresStore(request.getfixturevalue("postgres_url"))
     yield s
@@ -106,7 +106,7 @@ def test_api_keys(store):
 
 
 def test_postgres_enrolment_is_one_transaction(postgres_url):
-    from serving.store_postgres import PostgresStore
+    from cdface.serving.store_postgres import PostgresStore
 
     store = PostgresStore(postgres_url)
     a = store.create_identity(None, None, {})
@@ -119,7 +119,7 @@ def test_postgres_enrolment_is_one_transaction(postgres_url):
 
 def test_postgres_concurrent_writers_commit_in_seq_order(postgres_url):
     """Readers following by seq must never skip a change: seq order is commit order across connections."""
-    from serving.store_postgres import PostgresStore
+    from cdface.serving.store_postgres import PostgresStore
 
     stores = [PostgresStore(postgres_url) for _ in range(4)]
     follower = PostgresStore(postgres_url)
@@ -154,7 +154,7 @@ def test_postgres_concurrent_writers_commit_in_seq_order(postgres_url):
 
 
 def test_postgres_notifies_on_commit(postgres_url):
-    from serving.store_postgres import PostgresStore
+    from cdface.serving.store_postgres import PostgresStore
 
     store, other = PostgresStore(postgres_url), PostgresStore(postgres_url)
     assert other.wait_for_change(0.2) is False  # listening now; nothing written yet
@@ -169,11 +169,11 @@ def test_cli_keys_and_gallery_take_a_database_url(postgres_url):
     import subprocess
     import sys
 
-    from serving.auth import verify_key
-    from serving.store_postgres import PostgresStore
+    from cdface.serving.auth import verify_key
+    from cdface.serving.store_postgres import PostgresStore
 
     def cli(*args):
-        out = subprocess.run([sys.executable, "-m", "serving.cli", *args, "--database-url", postgres_url],
+        out = subprocess.run([sys.executable, "-m", "cdface.serving.cli", *args, "--database-url", postgres_url],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         return out.stdout

@@ -40,7 +40,7 @@ def test_faces_of_another_model_are_reported_and_reembedded_from_retained_crops(
             assert r.json()["faces"][0]["candidates"] == []  # never compared across models
     finally:
         gw.stop()
-    done = subprocess.run([sys.executable, "-m", "serving.cli", "gallery", "reembed", "--db", str(gw.db),
+    done = subprocess.run([sys.executable, "-m", "cdface.serving.cli", "gallery", "reembed", "--db", str(gw.db),
                            "--model-repository", str(model_repo), "--triton-url", triton.grpc_url],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert done.returncode == 0, done.stderr

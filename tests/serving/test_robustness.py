@@ -23,7 +23,7 @@ def _crop(seed: int) -> str:
 
 
 def test_triton_stopped_gives_quick_503_and_the_gateway_recovers_without_restart(model_repo, tmp_path):
-    from export.triton_server import TritonServer, free_port
+    from cdface.devtools.triton_local import TritonServer, free_port
 
     ports = dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
     server = TritonServer(model_repo, log_path=tmp_path / "triton.log", **ports).start()

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from serving.imaging import ImageError, decode_image
-from serving.settings import Settings
-from serving.triton import CircuitBreaker, TritonEmbedder, TritonUnavailable
+from cdface.core.imaging import ImageError, decode_image
+from cdface.serving.settings import Settings
+from cdface.serving.triton import CircuitBreaker, TritonEmbedder, TritonUnavailable
 
 
 def test_circuit_breaker_opens_half_opens_and_closes():
@@ -33,7 +33,7 @@ def test_circuit_breaker_opens_half_opens_and_closes():
 
 
 def test_embedder_against_nothing_fails_fast_with_503_semantics():
-    from export.triton_server import free_port
+    from cdface.devtools.triton_local import free_port
 
     async def go():
         e = TritonEmbedder(f"127.0.0.1:{free_port()}", "face", 1, dim=128, timeout_s=2, retries=1,

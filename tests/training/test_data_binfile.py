@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdface.errors import CdfaceError
-from training.data.binfile import decode_bin_images, read_bin, write_bin
-from training.data.synthetic import encode_jpeg
+from cdface.core.errors import CdfaceError
+from cdface.training.data.binfile import decode_bin_images, read_bin, write_bin
+from cdface.training.data.synthetic import encode_jpeg
 
 
 def _png(colour: tuple[int, int, int], size: int = 112) -> bytes:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cdface.errors import CdfaceError
-from training.data.dataset import FolderDataset, open_dataset
-from training.data.synthetic import encode_jpeg
+from cdface.core.errors import CdfaceError
+from cdface.training.data.dataset import FolderDataset, open_dataset
+from cdface.training.data.synthetic import encode_jpeg
 
 
 def _tree(root, counts: dict[str, int]) -> None:

@@ -7,9 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from cdface.errors import CdfaceError
-from training.data.dataset import RecordIODataset, open_dataset
-from training.data.recordio import (
+from cdface.core.errors import CdfaceError
+from cdface.training.data.dataset import RecordIODataset, open_dataset
+from cdface.training.data.recordio import (
     RECORD_MAGIC,
     RecordIOReader,
     RecordIOWriter,
@@ -18,7 +18,7 @@ from training.data.recordio import (
     read_layout,
     write_face_recordio,
 )
-from training.data.synthetic import encode_jpeg
+from cdface.training.data.synthetic import encode_jpeg
 
 
 def _image(seed: int) -> bytes:

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from training.data.dataset import EpochBatchSampler, open_dataset
-from training.data.recordio import write_face_recordio
-from training.data.synthetic import encode_jpeg
+from cdface.training.data.dataset import EpochBatchSampler, open_dataset
+from cdface.training.data.recordio import write_face_recordio
+from cdface.training.data.synthetic import encode_jpeg
 
 
 def _epoch(sampler: EpochBatchSampler, epoch: int, start_batch: int = 0) -> list[list[tuple[int, bool]]]:

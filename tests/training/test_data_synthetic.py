@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 
-from training.data.binfile import decode_bin_images
-from training.data.dataset import open_dataset
-from training.data.synthetic import (
+from cdface.training.data.binfile import decode_bin_images
+from cdface.training.data.dataset import open_dataset
+from cdface.training.data.synthetic import (
     SyntheticSpec,
     identity_of,
     iter_training_samples,

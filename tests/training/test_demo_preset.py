@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from training.checkpoint import load_checkpoint
+from cdface.training.checkpoint import load_checkpoint
 
 CDFACE = [sys.executable, "-m", "cdface.cli"]
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from training.backbones import create_backbone
-from training.checkpoint import save_checkpoint
-from training.data.binfile import write_bin
-from training.evaluation import evaluate_checkpoint_model
+from cdface.training.backbones import create_backbone
+from cdface.training.checkpoint import save_checkpoint
+from cdface.training.data.binfile import write_bin
+from cdface.training.evaluation import evaluate_checkpoint_model
 
 CDFACE = Path(sys.executable).parent / "cdface"
 TINY = {"name": "ir18", "kwargs": {"width": 0.125}}

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from cdface.errors import CdfaceError
-from training.backbones import create_backbone
-from training.checkpoint import save_checkpoint
-from training.evaluation.embedders import (
+from cdface.core.errors import CdfaceError
+from cdface.training.backbones import create_backbone
+from cdface.training.checkpoint import save_checkpoint
+from cdface.training.evaluation.embedders import (
     OnnxEmbedder,
     TorchEmbedder,
     embed_files,
@@ -115,7 +115,7 @@ def test_open_embedder_errors(tmp_path):
 
 
 def test_onnx_export_agrees_with_checkpoint(tmp_path, checkpoint, images):
-    onnx_export = pytest.importorskip("export.onnx_export")
+    onnx_export = pytest.importorskip("cdface.export.onnx_export")
     result = onnx_export.export_checkpoint(checkpoint, tmp_path / "exported", name="tiny", simplify=False)
     onnx_embedder = open_embedder(result.onnx_path)
     assert isinstance(onnx_embedder, OnnxEmbedder)

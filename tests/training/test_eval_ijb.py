@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cdface.errors import CdfaceError
-from training.backbones import create_backbone
-from training.evaluation.embedders import TorchEmbedder, embed_files
-from training.evaluation.ijb import (
+from cdface.core.errors import CdfaceError
+from cdface.training.backbones import create_backbone
+from cdface.training.evaluation.embedders import TorchEmbedder, embed_files
+from cdface.training.evaluation.ijb import (
     evaluate_ijb,
     pool_templates,
     read_face_tid_mid,

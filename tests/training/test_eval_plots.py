@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.evaluation.plots import (
+from cdface.training.evaluation.plots import (
     plot_roc_curves,
     plot_score_histograms,
     plot_similarity_gradients,

@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cdface.errors import CdfaceError
-from training.backbones import create_backbone
-from training.evaluation.embedders import TorchEmbedder
-from training.evaluation.pairs import evaluate_pairs, read_pairs_csv
-from training.evaluation.rank import evaluate_rank, true_match_ranks
-from training.evaluation.report import build_report, read_report, write_report
-from training.evaluation.roc import tar_at_far, tar_at_far_summary, scores_by_label
-from training.evaluation.verification import verification_accuracy
+from cdface.core.errors import CdfaceError
+from cdface.training.backbones import create_backbone
+from cdface.training.evaluation.embedders import TorchEmbedder
+from cdface.training.evaluation.pairs import evaluate_pairs, read_pairs_csv
+from cdface.training.evaluation.rank import evaluate_rank, true_match_ranks
+from cdface.training.evaluation.report import build_report, read_report, write_report
+from cdface.training.evaluation.roc import tar_at_far, tar_at_far_summary, scores_by_label
+from cdface.training.evaluation.verification import verification_accuracy
 
 
 def _evaluation(name: str, pairs: int, seed: int) -> dict:
@@ -48,7 +48,7 @@ def test_report_rows_thresholds_and_atomic_json(tmp_path):
     assert set(loaded["thresholds"]) == {"1e-3", "1e-2", "1e-1"}
     assert loaded["thresholds"]["1e-3"] == large["tar_at_far"]["1e-3"]["threshold"]
 
-    manifest = pytest.importorskip("cdface.manifest")
+    manifest = pytest.importorskip("cdface.core.manifest")
     assert manifest.read_eval_report(path).threshold_at(1e-3) == loaded["thresholds"]["1e-3"]
 
 

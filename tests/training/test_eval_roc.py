@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from training.evaluation.roc import (
+from cdface.training.evaluation.roc import (
     FAR_LEVELS,
     far_key,
     operating_point,

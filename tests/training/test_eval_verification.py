@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from training.evaluation.verification import (
+from cdface.training.evaluation.verification import (
     accuracies_at_thresholds,
     best_threshold,
     candidate_thresholds,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.heads import ArcFace, CosFace
+from cdface.training.heads import ArcFace, CosFace
 
 
 def _cosines(head, emb):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import closeness_loss, diversity_loss, similarity_terms
+from cdface.training.losses import closeness_loss, diversity_loss, similarity_terms
 
 
 def unit(*v):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.mining import ScoreBank, SoftMiner, identities_per_rank
+from cdface.training.mining import ScoreBank, SoftMiner, identities_per_rank
 
 
 def make_bank(scores):

@@ -15,11 +15,11 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-from cdface.errors import CdfaceError
+from cdface.core.errors import CdfaceError
 from tests.training.trainer_support import ddp_worker, write_tiny_folder_dataset
-from training.checkpoint import load_checkpoint
-from training.config import load_config
-from training.trainer import train
+from cdface.training.checkpoint import load_checkpoint
+from cdface.training.config import load_config
+from cdface.training.trainer import train
 
 CDFACE = [sys.executable, "-m", "cdface.cli"]
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from training.backbones import list_backbones, register_backbone
+from cdface.training.backbones import list_backbones, register_backbone
 
 
 def write_tiny_folder_dataset(root: Path, identities: int = 8, per_identity: int = 8, seed: int = 0) -> Path:
@@ -53,8 +53,8 @@ def ddp_worker(rank: int, world_size: int, port: int, overrides: list[str], pres
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from training.config import load_config
-    from training.trainer import train
+    from cdface.training.config import load_config
+    from cdface.training.trainer import train
 
     result = train(load_config(preset, overrides))
     torch.save({"bank": result.bank, "steps": result.steps}, Path(out_dir) / f"rank{rank}.pt")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from training.backbones.registry import register_backbone
+from cdface.training.backbones.registry import register_backbone
 
 STAGE_CHANNELS = (64, 128, 256, 512)
 DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 200: (6, 26, 60, 6)}

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from cdface.errors import CdfaceError
+from cdface.core.errors import CdfaceError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cdface.atomic import atomic_write_bytes
-from cdface.errors import CdfaceError
-from cdface.face import INPUT_SIZE
-from training.data.folder import decode_image
+from cdface.core.atomic import atomic_write_bytes
+from cdface.core.errors import CdfaceError
+from cdface.core.contract import INPUT_SIZE
+from cdface.training.data.folder import decode_image
 
 # (module, name) pairs a verification .bin may reference. Python 3 pickles of bytes at protocol
 # <= 2 go through _codecs.encode; numpy arrays/scalars appear in files re-saved with numpy.

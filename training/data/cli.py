@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import time
 from enum import Enum
 from pathlib import Path
 
 import typer
 
-from cdface.errors import CdfaceError
+from cdface.core.errors import CdfaceError
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -32,7 +31,7 @@ def synth_command(
     difficulty: float = typer.Option(1.0, "--difficulty", min=0.0, help="scales the normal nuisance (pose, light, blur)"),
 ) -> None:
     """Write a synthetic face-identity training set plus a held-out verification set (DIR/val.bin)."""
-    from training.data.synthetic import SyntheticSpec, write_folder, write_recordio, write_verification_bin
+    from cdface.training.data.synthetic import SyntheticSpec, write_folder, write_recordio, write_verification_bin
 
     spec = SyntheticSpec(identities, per_identity, hard_share, seed, difficulty)
     started = time.perf_counter()
@@ -54,10 +53,10 @@ def to_recordio_command(
     out_dir: Path = typer.Argument(..., help="directory for train.rec and train.idx"),
 ) -> None:
     """Convert an identity-per-folder tree to InsightFace RecordIO (image bytes copied unchanged)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from training.data.folder import scan_image_folder
-    from training.data.recordio import write_face_recordio
+    from cdface.core.imaging import ImageError
+    from cdface.core.imaging import image_format as read_format
+    from cdface.training.data.folder import scan_image_folder
+    from cdface.training.data.recordio import write_face_recordio
 
     folder = scan_image_folder(src_folder)
 
@@ -66,9 +65,8 @@ def to_recordio_command(
             data = folder.read_bytes(index)
             # Check the header only: a non-image must fail here, not in the middle of training.
             try:
-                with Image.open(io.BytesIO(data)) as image:
-                    image_format = image.format
-            except (OSError, UnidentifiedImageError) as exc:
+                image_format = read_format(data, what=f"image {folder.paths[index]}")
+            except ImageError as exc:
                 raise CdfaceError(f"cannot decode image {folder.paths[index]}: {exc}.") from exc
             if image_format not in ("JPEG", "PNG"):
                 raise CdfaceError(f"image {folder.paths[index]} is {image_format}; RecordIO here holds JPEG or PNG.")
@@ -82,7 +80,7 @@ def to_recordio_command(
 def info_command(path: Path = typer.Argument(..., help="RecordIO dir or .rec, image folder, or verification .bin")) -> None:
     """Describe a dataset: samples, identities, images per identity (or pairs for a .bin)."""
     if path.suffix == ".bin":
-        from training.data.binfile import read_bin
+        from cdface.training.data.binfile import read_bin
 
         images, issame = read_bin(path)
         typer.echo(f"{path}: verification set, {len(issame)} pairs ({int(issame.sum())} same, "
@@ -90,7 +88,7 @@ def info_command(path: Path = typer.Argument(..., help="RecordIO dir or .rec, im
         return
     import numpy as np
 
-    from training.data.dataset import RecordIODataset, open_dataset
+    from cdface.training.data.dataset import RecordIODataset, open_dataset
 
     dataset = open_dataset(path)
     counts = dataset.class_counts()

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from cdface.errors import CdfaceError
-from cdface.face import INPUT_SIZE
-from training.data.folder import ImageFolder, decode_image, scan_image_folder
-from training.data.recordio import RecordIOReader, read_layout
+from cdface.core.errors import CdfaceError
+from cdface.core.contract import INPUT_SIZE
+from cdface.training.data.folder import ImageFolder, decode_image, scan_image_folder
+from cdface.training.data.recordio import RecordIOReader, read_layout
 
 
 class FaceDataset(Dataset):

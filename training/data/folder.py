@@ -1,4 +1,4 @@
-"""Identity-per-folder image trees (``root/<identity>/<image>.jpg|png``) and the one image decoder.
+"""Identity-per-folder image trees (``root/<identity>/<image>.jpg|png``) and training's image reader.
 
 Identities are sorted by folder name and numbered 0..C-1; images inside an identity are sorted by
 file name, so a tree always opens to the same sample order.
@@ -6,34 +6,28 @@ file name, so a tree always opens to the same sample order.
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from cdface.errors import CdfaceError
-from cdface.face import INPUT_SIZE
+from cdface.core.errors import CdfaceError
+from cdface.core.imaging import ImageError
+from cdface.core.imaging import decode_image as decode_image_bytes
+from cdface.core.contract import INPUT_SIZE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def decode_image(data: bytes, source: str, size: int = INPUT_SIZE) -> np.ndarray:
-    """Encoded JPEG/PNG bytes -> uint8 [size, size, 3] RGB; other sizes are resized (bilinear).
+    """Encoded image bytes -> uint8 [size, size, 3] RGB through the core decoder (other sizes resized).
 
     ``source`` names the image in the error message (a path, a record key, a .bin index).
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BILINEAR)
-            return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy wants one
-    except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        return decode_image_bytes(data, what=f"image {source}", size=size)
+    except ImageError as exc:
         raise CdfaceError(f"cannot decode image {source}: {exc}.") from exc
 
 

@@ -30,8 +30,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from cdface.atomic import atomic_write_text
-from cdface.errors import CdfaceError
+from cdface.core.atomic import atomic_write_text
+from cdface.core.errors import CdfaceError
 
 RECORD_MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", RECORD_MAGIC)

@@ -28,11 +28,11 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageFilter
 
-from cdface.atomic import atomic_write_text
-from cdface.errors import CdfaceError
-from cdface.face import INPUT_SIZE
-from training.data.binfile import write_bin
-from training.data.recordio import write_face_recordio
+from cdface.core.atomic import atomic_write_text
+from cdface.core.errors import CdfaceError
+from cdface.core.contract import INPUT_SIZE
+from cdface.training.data.binfile import write_bin
+from cdface.training.data.recordio import write_face_recordio
 
 # Generator roles keep training and verification identities disjoint for the same seed.
 TRAIN_ROLE = 0

@@ -15,19 +15,19 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "evaluate_checkpoint_model": "training.evaluation.run",
-    "evaluate_bins": "training.evaluation.run",
-    "evaluate_bin": "training.evaluation.verification",
-    "verification_accuracy": "training.evaluation.verification",
-    "evaluate_pairs": "training.evaluation.pairs",
-    "evaluate_ijb": "training.evaluation.ijb",
-    "evaluate_rank": "training.evaluation.rank",
-    "open_embedder": "training.evaluation.embedders",
-    "TorchEmbedder": "training.evaluation.embedders",
-    "OnnxEmbedder": "training.evaluation.embedders",
-    "tar_at_far": "training.evaluation.roc",
-    "build_report": "training.evaluation.report",
-    "write_report": "training.evaluation.report",
+    "evaluate_checkpoint_model": "cdface.training.evaluation.run",
+    "evaluate_bins": "cdface.training.evaluation.run",
+    "evaluate_bin": "cdface.training.evaluation.verification",
+    "verification_accuracy": "cdface.training.evaluation.verification",
+    "evaluate_pairs": "cdface.training.evaluation.pairs",
+    "evaluate_ijb": "cdface.training.evaluation.ijb",
+    "evaluate_rank": "cdface.training.evaluation.rank",
+    "open_embedder": "cdface.training.evaluation.embedders",
+    "TorchEmbedder": "cdface.training.evaluation.embedders",
+    "OnnxEmbedder": "cdface.training.evaluation.embedders",
+    "tar_at_far": "cdface.training.evaluation.roc",
+    "build_report": "cdface.training.evaluation.report",
+    "write_report": "cdface.training.evaluation.report",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -35,5 +35,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'training.evaluation' has no attribute {name!r}")
+        raise AttributeError(f"module 'cdface.training.evaluation' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import typer
 
-from cdface.errors import CdfaceError
+from cdface.core.errors import CdfaceError
 
 app = typer.Typer(no_args_is_help=True, help="Evaluate a checkpoint (.pt) or an exported ONNX model (.onnx).")
 
@@ -30,7 +30,7 @@ _BATCH = typer.Option(64, "--batch-size", min=1, help="images per forward pass")
 
 
 def _open(model: Path, device: str, batch_size: int):
-    from training.evaluation.embedders import open_embedder
+    from cdface.training.evaluation.embedders import open_embedder
 
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise CdfaceError(f"--device must be cpu or cuda, got {device!r}")
@@ -53,12 +53,12 @@ def _print_evaluation(evaluation: dict[str, Any]) -> None:
 
 
 def _finish(model: Path, evaluations: list[dict[str, Any]], out: Optional[Path], plots: Optional[Path]) -> None:
-    from training.evaluation.report import build_report, write_report
+    from cdface.training.evaluation.report import build_report, write_report
 
     for evaluation in evaluations:
         _print_evaluation(evaluation)
     if plots is not None:
-        from training.evaluation.run import write_plots
+        from cdface.training.evaluation.run import write_plots
 
         for path in write_plots([e for e in evaluations if "scores" in e], plots, model.name):
             typer.echo(f"plot: {path}")
@@ -78,7 +78,7 @@ def bin_command(
     batch_size: int = _BATCH,
 ) -> None:
     """10-fold verification accuracy and TAR@FAR on .bin benchmarks."""
-    from training.evaluation.run import evaluate_bins
+    from cdface.training.evaluation.run import evaluate_bins
 
     for path in bins:  # fail before loading the model, not after evaluating the first file
         if not path.is_file():
@@ -98,7 +98,7 @@ def pairs_command(
     batch_size: int = _BATCH,
 ) -> None:
     """Accuracy and TAR@FAR on your own labelled pairs."""
-    from training.evaluation.pairs import evaluate_pairs, read_pairs_csv
+    from cdface.training.evaluation.pairs import evaluate_pairs, read_pairs_csv
 
     read_pairs_csv(csv_path)  # validate the file before loading the model
     embedder = _open(model, device, batch_size)
@@ -119,7 +119,7 @@ def ijb_command(
     batch_size: int = _BATCH,
 ) -> None:
     """IJB-B/C style 1:1 template verification: TAR@FAR 1e-6..1e-1."""
-    from training.evaluation.ijb import evaluate_ijb
+    from cdface.training.evaluation.ijb import evaluate_ijb
 
     for path, what in ((meta, "meta"), (pairs, "pairs")):
         if not path.is_file():
@@ -141,7 +141,7 @@ def rank_command(
     batch_size: int = _BATCH,
 ) -> None:
     """1:N rank-1 / rank-5 identification (first image of each identity enrolled, the rest probed)."""
-    from training.evaluation.rank import evaluate_rank, read_identity_folders
+    from cdface.training.evaluation.rank import evaluate_rank, read_identity_folders
 
     read_identity_folders(root)
     embedder = _open(model, device, batch_size)
@@ -154,6 +154,6 @@ def gradients_command(
     out: Path = typer.Argument(Path("similarity_gradients.png"), metavar="OUT.png", help="where to write the PNG"),
 ) -> None:
     """Plot ||dS/dx|| against the angle for d1, d2, d3 and the truncated d3 of the diversity loss."""
-    from training.evaluation.plots import plot_similarity_gradients
+    from cdface.training.evaluation.plots import plot_similarity_gradients
 
     typer.echo(f"plot: {plot_similarity_gradients(out)}")

@@ -14,8 +14,9 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from cdface.errors import CdfaceError
-from cdface.face import INPUT_SIZE
+from cdface.core.errors import CdfaceError
+from cdface.core.imaging import read_aligned_crop
+from cdface.core.contract import INPUT_NAME, INPUT_SIZE, OUTPUT_NAME
 
 Embedder = Callable[[np.ndarray], np.ndarray]
 
@@ -44,7 +45,7 @@ class TorchEmbedder:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64) -> "TorchEmbedder":
-        from training.checkpoint import load_backbone
+        from cdface.training.checkpoint import load_backbone
 
         model, _ = load_backbone(path, map_location="cpu")
         return cls(model, device=device, batch_size=batch_size)
@@ -52,7 +53,7 @@ class TorchEmbedder:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        from training.preprocess import to_model_input
+        from cdface.training.preprocess import to_model_input
 
         _check_images(images)
         was_training = self.model.training
@@ -93,9 +94,9 @@ class OnnxEmbedder:
             raise CdfaceError(f"{path} is not a loadable ONNX model ({type(exc).__name__})") from None
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
-        if "images" not in inputs or "embedding" not in outputs:
+        if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
             raise CdfaceError(
-                f"{path} does not follow the cdface ONNX contract (input 'images', output 'embedding'); "
+                f"{path} does not follow the cdface ONNX contract (input {INPUT_NAME!r}, output {OUTPUT_NAME!r}); "
                 f"it has inputs {inputs} and outputs {outputs}"
             )
         self.batch_size = batch_size
@@ -105,7 +106,7 @@ class OnnxEmbedder:
         outputs = []
         for start in range(0, images.shape[0], self.batch_size):
             batch = np.ascontiguousarray(images[start : start + self.batch_size])
-            outputs.append(self.session.run(["embedding"], {"images": batch})[0])
+            outputs.append(self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0])
         if not outputs:
             return np.zeros((0, 0), dtype=np.float32)
         return np.concatenate(outputs).astype(np.float32, copy=False)
@@ -184,20 +185,7 @@ def embed_batches(
 
 def load_aligned_image(path: str | os.PathLike) -> np.ndarray:
     """An aligned face crop as uint8 [112, 112, 3] RGB; anything else is a user error, not silently resized."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise CdfaceError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise CdfaceError(f"cannot read image {path} ({type(exc).__name__})") from None
-    if array.shape[:2] != (INPUT_SIZE, INPUT_SIZE):
-        raise CdfaceError(
-            f"{path} is {array.shape[1]}x{array.shape[0]}; evaluation expects aligned {INPUT_SIZE}x{INPUT_SIZE} crops"
-        )
-    return array
+    return read_aligned_crop(path)
 
 
 def embed_files(

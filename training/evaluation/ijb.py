@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from cdface.errors import CdfaceError
+from cdface.core.errors import CdfaceError
 
 
 def _read_columns(path: str | os.PathLike, expected: int, what: str) -> list[list[str]]:
@@ -122,8 +122,8 @@ def evaluate_ijb(
     dataset: str | None = None,
 ) -> dict[str, Any]:
     """1:1 template verification report: ``dataset``, counts, ``tar_at_far``, and raw ``scores``/``labels``."""
-    from training.evaluation.embedders import embed_files
-    from training.evaluation.roc import scores_by_label, tar_at_far, tar_at_far_summary
+    from cdface.training.evaluation.embedders import embed_files
+    from cdface.training.evaluation.roc import scores_by_label, tar_at_far, tar_at_far_summary
 
     images_dir = Path(images_dir)
     if not images_dir.is_dir():

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cdface.errors import CdfaceError
+from cdface.core.errors import CdfaceError
 
 _TRUE = {"1", "true", "same", "yes"}
 _FALSE = {"0", "false", "different", "no"}
@@ -55,9 +55,9 @@ def evaluate_pairs(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Accuracy (k-fold) and TAR@FAR for the pairs in ``csv_path``; raw ``scores``/``issame`` for plots."""
-    from training.evaluation.embedders import embed_files
-    from training.evaluation.roc import scores_by_label, tar_at_far, tar_at_far_summary
-    from training.evaluation.verification import verification_accuracy
+    from cdface.training.evaluation.embedders import embed_files
+    from cdface.training.evaluation.roc import scores_by_label, tar_at_far, tar_at_far_summary
+    from cdface.training.evaluation.verification import verification_accuracy
 
     first, second, labels = read_pairs_csv(csv_path)
     if labels.all() or not labels.any():

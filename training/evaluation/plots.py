@@ -31,7 +31,7 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    from cdface.atomic import atomic_open
+    from cdface.core.atomic import atomic_open
 
     path = Path(path)
     with atomic_open(path, "wb") as f:
@@ -71,7 +71,7 @@ def plot_roc_curves(
     title: str = "",
 ) -> Path:
     """ROC curves (TAR against log-scale FAR) of one or several models: ``{label: (genuine, impostor)}``."""
-    from training.evaluation.roc import roc_curve
+    from cdface.training.evaluation.roc import roc_curve
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -106,7 +106,7 @@ def similarity_gradient_magnitudes(thetas: np.ndarray) -> dict[str, np.ndarray]:
     """
     import torch
 
-    from training.losses import similarity_terms
+    from cdface.training.losses import similarity_terms
 
     magnitudes = {}
     theta = torch.as_tensor(np.asarray(thetas), dtype=torch.float64)

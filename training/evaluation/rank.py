@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from cdface.errors import CdfaceError
+from cdface.core.errors import CdfaceError
 
 
 def read_identity_folders(root: str | os.PathLike) -> tuple[list[str], list[list[Path]]]:
     """(identity names, each identity's sorted image paths); identities without images are skipped."""
-    from training.evaluation.embedders import list_images
+    from cdface.training.evaluation.embedders import list_images
 
     root = Path(root)
     if not root.is_dir():
@@ -51,7 +51,7 @@ def evaluate_rank(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Rank-k identification accuracy with one gallery image per identity."""
-    from training.evaluation.embedders import embed_files
+    from cdface.training.evaluation.embedders import embed_files
 
     names, images = read_identity_folders(root)
     gallery_paths = [files[0] for files in images]

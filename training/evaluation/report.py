@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from cdface.atomic import atomic_write_text
+from cdface.core.atomic import atomic_write_text
 
 FORMAT = "cdface-eval/1"
 THRESHOLD_RULE = "accept when cosine similarity > threshold"

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from training.evaluation.embedders import Embedder
+from cdface.training.evaluation.embedders import Embedder
 
 
 def evaluate_bins(
@@ -17,15 +17,15 @@ def evaluate_bins(
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """``evaluate_bin`` on each file (raw score arrays included, for plots)."""
-    from training.evaluation.verification import evaluate_bin
+    from cdface.training.evaluation.verification import evaluate_bin
 
     return [evaluate_bin(embedder, p, flip=flip, batch_size=batch_size, progress=progress) for p in bin_paths]
 
 
 def write_plots(evaluations: Sequence[dict[str, Any]], plot_dir: str | os.PathLike, model_label: str) -> list[Path]:
     """A score histogram per benchmark and one ROC figure with every benchmark's curve."""
-    from training.evaluation.plots import plot_roc_curves, plot_score_histograms
-    from training.evaluation.roc import scores_by_label
+    from cdface.training.evaluation.plots import plot_roc_curves, plot_score_histograms
+    from cdface.training.evaluation.roc import scores_by_label
 
     plot_dir = Path(plot_dir)
     written = []
@@ -53,8 +53,8 @@ def evaluate_checkpoint_model(
 
     The model stays on its current device, and its train/eval mode is restored afterwards.
     """
-    from training.evaluation.embedders import TorchEmbedder
-    from training.evaluation.report import build_report
+    from cdface.training.evaluation.embedders import TorchEmbedder
+    from cdface.training.evaluation.report import build_report
 
     device = next(model.parameters()).device
     embedder = TorchEmbedder(model, device=str(device), batch_size=batch_size)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from cdface.errors import CdfaceError
+from cdface.core.errors import CdfaceError
 
 
 @dataclass
@@ -161,9 +161,9 @@ def evaluate_bin(
     ``tar_at_far`` (JSON-safe, see ``roc.tar_at_far_summary``), and the raw arrays ``scores`` and ``issame``
     for plots (not JSON-safe; ``report.py`` leaves them out).
     """
-    from training.data.binfile import decode_bin_images
-    from training.evaluation.embedders import embed_images
-    from training.evaluation.roc import scores_by_label, tar_at_far, tar_at_far_summary
+    from cdface.training.data.binfile import decode_bin_images
+    from cdface.training.evaluation.embedders import embed_images
+    from cdface.training.evaluation.roc import scores_by_label, tar_at_far, tar_at_far_summary
 
     bin_path = Path(bin_path)
     if not bin_path.is_file():

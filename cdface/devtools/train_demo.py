@@ -1,6 +1,6 @@
 """The training demo: synthetic identities -> pretrain -> joint stage -> evaluation -> ONNX export.
 
-    python -m training.demo --workdir work/train-demo      (what `make train-demo` runs)
+    python -m cdface.devtools.train_demo --workdir work/train-demo      (what `make train-demo` runs)
 
 The model it trains has only ever seen synthetic faces: it is not served by `make demo` unless you
 ask for it (`make demo MODEL=work/train-demo/export`).
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from cdface.errors import CdfaceError, exit_on_error
+from cdface.core.errors import CdfaceError, exit_on_error
 
 
 def cdface(*args: str) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cdface import demo
+from cdface.devtools import stack_demo as demo
 
 pytestmark = pytest.mark.slow
 

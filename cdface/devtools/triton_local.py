@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -32,8 +31,10 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from cdface.atomic import atomic_write_text
-from cdface.errors import CdfaceError
+from cdface.core.atomic import atomic_write_text
+from cdface.core.digest import sha256_bytes
+from cdface.core.errors import CdfaceError
+from cdface.core.paths import cache_dir
 
 # What the server's environment holds. onnxruntime is pinned to a release built and tested against
 # numpy 1.x; numpy < 2 is what the Python backend stub needs.
@@ -49,11 +50,6 @@ _SHM_BYTES = 4 * 1024 * 1024
 _EXIT_TIMEOUT_S = 10
 _SHM_PREFIX = "triton_python_backend_shm_region_"
 _ENV_INFO = "cdface-triton-env.json"
-
-
-def cache_dir() -> Path:
-    """Where cdface keeps machine-wide artefacts: ``$CDFACE_CACHE`` or ``~/.cache/cdface``."""
-    return Path(os.environ.get("CDFACE_CACHE") or Path.home() / ".cache" / "cdface").expanduser()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,7 +92,7 @@ class ServerEnv:
 
 def _requirements_key(python: str) -> str:
     text = "\n".join([python, *SERVER_REQUIREMENTS])
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return sha256_bytes(text.encode())[:12]
 
 
 def _base_python() -> str:

@@ -15,9 +15,9 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from cdface.errors import CdfaceError
+from cdface.core.errors import CdfaceError
 
-from .conftest import MODEL
+from tests.triton_fixtures import MODEL
 
 pytestmark = pytest.mark.slow
 
@@ -166,7 +166,7 @@ def test_model_errors_reach_the_client_as_errors(triton_repo, http, random_faces
 
 def test_new_version_is_served_without_restart(triton_server, triton_repo, http, exported_model,
                                               exported_model_v2, random_faces):
-    from export.triton_repo import add_model_version, set_version_policy
+    from cdface.export.triton_repo import add_model_version, set_version_policy
 
     name, pid = "face-versions", triton_server.process.pid
     images = random_faces(4, seed=3)
@@ -217,7 +217,7 @@ def test_metrics_endpoint_serves_prometheus_text(triton_server, http, random_fac
 
 
 def test_a_server_that_cannot_load_its_model_fails_with_the_log_tail(tmp_path):
-    from export.triton_server import TritonServer
+    from cdface.devtools.triton_local import TritonServer
 
     broken = tmp_path / "repo" / "broken"
     (broken / "1").mkdir(parents=True)
@@ -230,7 +230,7 @@ def test_a_server_that_cannot_load_its_model_fails_with_the_log_tail(tmp_path):
 
 
 def test_stale_shared_memory_is_cleaned_but_live_regions_stay(tmp_path):
-    from export.triton_server import clean_stale_shm
+    from cdface.devtools.triton_local import clean_stale_shm
 
     stale = f"/dev/shm/triton_python_backend_shm_region_cdface-test-stale-{os.getpid()}"
     live = f"/dev/shm/triton_python_backend_shm_region_cdface-test-live-{os.getpid()}"
@@ -252,7 +252,7 @@ def test_stale_shared_memory_is_cleaned_but_live_regions_stay(tmp_path):
 
 
 def test_missing_repository_is_a_clear_error(tmp_path):
-    from export.triton_server import TritonServer
+    from cdface.devtools.triton_local import TritonServer
 
     with pytest.raises(CdfaceError, match="does not exist"):
         TritonServer(tmp_path / "nope").start()

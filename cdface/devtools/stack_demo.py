@@ -1,8 +1,8 @@
 """The main job: the whole stack on localhost, with a demo on real photos.
 
-    python -m cdface.demo                  (what `make demo` runs; Ctrl-C stops the stack)
-    python -m cdface.demo --once           (run the demo, then stop everything: tests, CI)
-    python -m cdface.demo --model DIR      (serve your own export: a directory with model.onnx + manifest.json)
+    python -m cdface.devtools.stack_demo                  (what `make demo` runs; Ctrl-C stops the stack)
+    python -m cdface.devtools.stack_demo --once           (run the demo, then stop everything: tests, CI)
+    python -m cdface.devtools.stack_demo --model DIR      (serve your own export: a directory with model.onnx + manifest.json)
 
 What comes up: a real ``tritonserver`` (the one bundled in nvidia-pytriton, Python backend running
 the ONNX model in ONNX Runtime) with a model repository, and the cdface gateway with a SQLite
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from cdface.errors import CdfaceError, exit_on_error
+from cdface.core.errors import CdfaceError, exit_on_error
 
 MODEL_NAME = "face"
 
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
 
-    from cdface import assets
+    from cdface.core import assets
 
     photos = assets.photos()
     export_dir, why = choose_model(args.model, work)
