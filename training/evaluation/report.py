@@ -25,9 +25,10 @@ from typing import Any, Iterable
 import numpy as np
 
 from cdface.core.atomic import atomic_write_text
+from cdface.core.matching import MATCH_RULE
 
 FORMAT = "cdface-eval/1"
-THRESHOLD_RULE = "accept when cosine similarity > threshold"
+THRESHOLD_RULE = MATCH_RULE
 
 # Evaluation dict keys that become their own rows (or are raw arrays) rather than columns of a row.
 _RAW_KEYS = {"scores", "issame", "tar_at_far", "fold_accuracies", "fold_thresholds"}

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from cdface.core.matching import is_match
+
 FAR_LEVELS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
@@ -69,8 +71,8 @@ def operating_point(genuine: np.ndarray, impostor: np.ndarray, far: float) -> Op
     return OperatingPoint(
         far_target=float(far),
         threshold=threshold,
-        tar=float(np.mean(genuine > threshold)),
-        far=float(np.mean(impostor > threshold)),
+        tar=float(np.mean(is_match(genuine, threshold))),
+        far=float(np.mean(is_match(impostor, threshold))),
     )
 
 

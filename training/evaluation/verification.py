@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from cdface.core.matching import is_match
+
 from cdface.core.errors import CdfaceError
 
 
@@ -93,7 +95,7 @@ def accuracies_at_thresholds(scores: np.ndarray, issame: np.ndarray, thresholds:
 
 
 def accuracy_at_threshold(scores: np.ndarray, issame: np.ndarray, threshold: float) -> float:
-    return float(np.mean((scores > threshold) == issame))
+    return float(np.mean(is_match(scores, threshold) == issame))
 
 
 def best_threshold(scores: np.ndarray, issame: np.ndarray, thresholds: np.ndarray | None = None) -> float:
