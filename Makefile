@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 DEMO   := work/demo
 MODEL  ?=
 
-.PHONY: setup postgres test demo train-demo bench clean
+.PHONY: setup postgres test check demo train-demo bench clean
 
 # The project's environment: torch pinned to the CPU wheel, every stage's extras.
 $(VENV)/.installed: pyproject.toml
@@ -29,10 +29,18 @@ postgres:
 test: setup postgres
 	$(BIN)/python -m pytest -q
 
+# ruff, the import contracts and mypy (also part of `make test`).
+check: $(VENV)/.installed
+	$(BIN)/python -m cdface.devtools.checks
+
 demo: setup
 	$(BIN)/python -m cdface.devtools.stack_demo --workdir $(DEMO) $(if $(MODEL),--model $(MODEL))
 
-train-demo: setup
+train-# ruff, the import contracts and mypy (also part of `make test`).
+check: $(VENV)/.installed
+	$(BIN)/python -m cdface.devtools.checks
+
+demo: setup
 	$(BIN)/python -m cdface.devtools.train_demo --workdir work/train-demo
 
 bench: setup

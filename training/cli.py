@@ -63,3 +63,9 @@ def summary_lines(report: dict) -> list[str]:
         text = f"{r['metric']} {value:.4f}" + (f" +- {r['std']:.4f}" if isinstance(r.get("std"), float) else "")
         by_dataset.setdefault(r.get("dataset", "?"), []).append(text)
     return [f"eval {name}: " + ", ".join(parts) for name, parts in by_dataset.items()]
+
+
+if __name__ == "__main__":  # how the demos run this command (cdface.devtools.commands)
+    from cdface.core.errors import exit_on_error
+
+    exit_on_error(lambda: typer.run(train_command), "cdface train")

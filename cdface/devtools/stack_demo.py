@@ -2,7 +2,8 @@
 
     python -m cdface.devtools.stack_demo                  (what `make demo` runs; Ctrl-C stops the stack)
     python -m cdface.devtools.stack_demo --once           (run the demo, then stop everything: tests, CI)
-    python -m cdface.devtools.stack_demo --model DIR      (serve your own export: a directory with model.onnx + manifest.json)
+    python -m cdface.devtools.stack_demo --model DIR      (serve your own export: a directory with
+                                                           model.onnx + manifest.json)
 
 What comes up: a real ``tritonserver`` (the one bundled in nvidia-pytriton, Python backend running
 the ONNX model in ONNX Runtime) with a model repository, and the cdface gateway with a SQLite
@@ -24,29 +25,14 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from cdface.core.errors import CdfaceError, exit_on_error
+from cdface.devtools.commands import Command, cdface, run
 
 MODEL_NAME = "face"
-
-
-def cdface(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cdface.cli", *args]
-
-
-def shown(command: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in ["cdface", *command[3:]])
-
-
-def run(title: str, command: list[str]) -> str:
-    print(f"\n== {title}\n$ {shown(command)}", flush=True)
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise CdfaceError(f"demo step failed: {shown(command)}: {proc.stderr.strip().splitlines()[-1:]}")
-    return proc.stdout
 
 
 def port_free(port: int) -> bool:
@@ -94,7 +80,7 @@ def choose_model(requested: Path | None, work: Path) -> tuple[Path, str]:
     sface = work / "sface"
     if not (sface / "manifest.json").is_file():
         run("no trained export yet: wrap OpenCV Zoo's SFace (a real pretrained face model) into the cdface contract",
-            cdface("export", "wrap-sface", "--out", str(sface)))
+            cdface("export", "wrap-sface", "--out", str(sface)), capture=True)
     return sface, "SFace (OpenCV Zoo, 128-d), since no export of yours was found under exports/"
 
 
@@ -105,8 +91,8 @@ class Stack:
         self.work = work
         self.processes: list[tuple[str, subprocess.Popen]] = []
 
-    def start(self, name: str, command: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-        print(f"\n== start {name}\n$ {shown(command)}   (log: {log})", flush=True)
+    def start(self, name: str, command: Command, log: Path, env: dict | None = None) -> subprocess.Popen:
+        print(f"\n== start {name}\n$ {command.shown}   (log: {log})", flush=True)
         with open(log, "ab") as out:
             proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.processes.append((name, proc))
@@ -173,7 +159,7 @@ def demo_calls(base: str, key: str, photos: dict[str, Path]) -> dict:
             "landmarks": face["landmarks"]}]}).raise_for_status()
     print(f"   {len(faces)} faces found in {photos['t1'].name}, each enrolled separately")
 
-    results = {"ids": ids, "group_faces": len(faces), "identify": {}}
+    results: dict[str, Any] = {"ids": ids, "group_faces": len(faces), "identify": {}}
     print("\n== identify (1:N): who is in these other photos?")
     for probe in ("obama2", "obama3"):
         answer = post("/v1/identify", files={"image": upload(probe)["images"]}, data={"top_k": "3"},
@@ -215,14 +201,16 @@ def main(argv: list[str] | None = None) -> dict:
     repo = work / "models"
     if not (repo / MODEL_NAME).exists():
         run("a Triton model repository with that model as version 1 (Python backend: ONNX Runtime on CPU)",
-            cdface("export", "triton", str(repo), str(export_dir), "--model", MODEL_NAME, "--backend", "python"))
+            cdface("export", "triton", str(repo), str(export_dir), "--model", MODEL_NAME, "--backend", "python"),
+            capture=True)
 
     db = work / "gallery.db"
     if db.exists():  # a fresh gallery each run: the demo enrolls the same people again
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
     key = run("an API key (printed once; only its hash is stored)",
-              cdface("keys", "create", "--name", "demo", "--scope", "admin", "--db", str(db))).strip().splitlines()[-1]
+              cdface("keys", "create", "--name", "demo", "--scope", "admin", "--db", str(db)),
+              capture=True).strip().splitlines()[-1]
 
     http, grpc, metrics, gateway_port = pick_port(8100), pick_port(8101), pick_port(8102), pick_port(args.port)
     stack = Stack(work)

@@ -12,29 +12,17 @@ output is already there are skipped, so an interrupted demo picks up where it st
 from __future__ import annotations
 
 import argparse
-import shlex
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from cdface.core.errors import CdfaceError, exit_on_error
+from cdface.core.errors import exit_on_error
+from cdface.devtools.commands import Command, cdface, run
 
 
-def cdface(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cdface.cli", *args]
-
-
-def step(title: str, command: list[str], done: Path | None = None) -> None:
-    shown = " ".join(shlex.quote(a) for a in ["cdface", *command[3:]])
+def step(title: str, command: Command, done: Path | None = None) -> None:
     if done is not None and done.exists():
         print(f"\n== {title}: already done ({done})", flush=True)
         return
-    print(f"\n== {title}\n$ {shown}", flush=True)
-    start = time.monotonic()
-    if subprocess.run(command).returncode != 0:
-        raise CdfaceError(f"demo step failed: {shown}")
-    print(f"   ({time.monotonic() - start:.0f} s)", flush=True)
+    run(title, command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from cdface.core.errors import CdfaceError
+from cdface.core.errors import CdfaceError, exit_on_error
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -102,3 +102,7 @@ def info_command(path: Path = typer.Argument(..., help="RecordIO dir or .rec, im
     typer.echo(
         f"per identity: min {int(present.min())}, median {float(np.median(present)):g}, max {int(present.max())}"
     )
+
+
+if __name__ == "__main__":  # how the demos run this group (cdface.devtools.commands)
+    exit_on_error(app, "cdface data")

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import typer
 
-from cdface.core.errors import CdfaceError
+from cdface.core.errors import CdfaceError, exit_on_error
 
 app = typer.Typer(no_args_is_help=True, help="Evaluate a checkpoint (.pt) or an exported ONNX model (.onnx).")
 
@@ -157,3 +157,7 @@ def gradients_command(
     from cdface.training.evaluation.plots import plot_similarity_gradients
 
     typer.echo(f"plot: {plot_similarity_gradients(out)}")
+
+
+if __name__ == "__main__":  # how the demos run this group (cdface.devtools.commands)
+    exit_on_error(app, "cdface eval")

@@ -1,0 +1,121 @@
+"""How cdface installs: one namespace, and a gateway that runs from the serve extra alone (no torch).
+
+The wheel maps the top-level stage folders into ``cdface.training``, ``cdface.export`` and
+``cdface.serving``; nothing named ``training``, ``export`` or ``serving`` may reach site-packages,
+where it would collide with users' own modules. The gateway image installs ``.[serve]`` only, so a
+fresh virtual environment with just that extra must start the gateway and answer through a real
+Triton server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+import venv
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.triton_fixtures import MODEL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, mapping = set(setuptools["packages"]), setuptools["package-dir"]
+    found = set()
+    for package, folder in mapping.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((package, *relative)))
+    assert found == listed, f"unlisted: {sorted(found - listed)}; listed but missing: {sorted(listed - found)}"
+
+
+@pytest.fixture(scope="module")
+def serve_only_venv(tmp_path_factory) -> Path:
+    """A fresh virtual environment holding ``pip install .[serve]`` (a wheel build, not editable)."""
+    root = tmp_path_factory.mktemp("serve-venv") / "venv"
+    venv.EnvBuilder(with_pip=True).create(root)
+    python = root / "bin" / "python"
+    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                           f"{ROOT}[serve]"], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return python
+
+
+def _run(python: Path, code: str, cwd: Path) -> subprocess.CompletedProcess:
+    # Not from the repository root: its folders would shadow what the wheel installed.
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.slow
+def test_wheel_installs_one_namespace_and_no_torch(serve_only_venv, tmp_path):
+    probe = """
+import importlib.util, json, pathlib, sysconfig
+site = pathlib.Path(sysconfig.get_paths()["purelib"])
+print(json.dumps({
+    "top_level": {m: importlib.util.find_spec(m) is not None for m in ("training", "export", "serving")},
+    "in_site_packages": sorted(p.name for p in site.iterdir() if p.name in ("training", "export", "serving")),
+    "namespace": {m: importlib.util.find_spec(m) is not None
+                  for m in ("cdface.core", "cdface.serving.app", "cdface.training", "cdface.export")},
+    "origin": importlib.util.find_spec("cdface").origin,
+    "torch": importlib.util.find_spec("torch") is not None,
+}))
+"""
+    done = _run(serve_only_venv, probe, tmp_path)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["top_level"] == {"training": False, "export": False, "serving": False}
+    assert found["in_site_packages"] == []
+    assert all(found["namespace"].values()), found["namespace"]
+    assert "site-packages" in found["origin"]
+    assert found["torch"] is False  # the serve extra pulls no torch
+
+
+@pytest.mark.slow
+def test_gateway_starts_and_embeds_from_the_serve_extra_alone(serve_only_venv, tmp_path, triton_server,
+                                                              triton_repo, yunet_onnx):
+    from cdface.core.imaging import encode_png
+    from cdface.devtools.triton_local import free_port
+
+    port = free_port()
+    env = {**os.environ, "CDFACE_SERVE_PORT": str(port), "CDFACE_SERVE_DB_PATH": str(tmp_path / "gallery.db"),
+           "CDFACE_SERVE_TRITON_URL": triton_server.grpc_url, "CDFACE_SERVE_MODEL_REPOSITORY": str(triton_repo),
+           "CDFACE_SERVE_MODEL": MODEL, "CDFACE_SERVE_AUTH": "false", "CDFACE_SERVE_LOG_LEVEL": "warning"}
+    cdface = serve_only_venv.parent / "cdface"
+    log = tmp_path / "gateway.log"
+    with open(log, "wb") as out:
+        # The gateway image's command: `cdface serve`.
+        proc = subprocess.Popen([str(cdface), "serve"], cwd=tmp_path, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "gateway not ready within 120 s: " + log.read_text()[-3000:]
+            time.sleep(0.2)
+        crop = np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+        answer = httpx.post(url + "/v1/embeddings", timeout=60,
+                            files={"images": ("crop.png", encode_png(crop), "image/png")}, data={"mode": "aligned"})
+        assert answer.status_code == 200, answer.text
+        vector = np.asarray(answer.json()["faces"][0]["embedding"])
+        assert vector.shape == (answer.json()["model"]["embedding_size"],)
+        assert abs(np.linalg.norm(vector) - 1.0) < 1e-4
+        torch_loaded = _run(serve_only_venv, "import torch", tmp_path)
+        assert torch_loaded.returncode != 0 and "No module named 'torch'" in torch_loaded.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
