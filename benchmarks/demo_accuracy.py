@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from benchmarks.results import write_result
-from cdface.training import demo
+from cdface.devtools import train_demo as demo
 from cdface.training.checkpoint import load_checkpoint
 
 

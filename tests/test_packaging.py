@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -41,11 +42,19 @@ def test_every_package_folder_is_listed_in_pyproject():
 @pytest.fixture(scope="module")
 def serve_only_venv(tmp_path_factory) -> Path:
     """A fresh virtual environment holding ``pip install .[serve]`` (a wheel build, not editable)."""
-    root = tmp_path_factory.mktemp("serve-venv") / "venv"
+    work = tmp_path_factory.mktemp("serve-venv")
+    # What the gateway image copies (docker/gateway.Dockerfile), and nothing else: no stale build/.
+    source = work / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    for folder in ("cdface", "training", "export", "serving"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    root = work / "venv"
     venv.EnvBuilder(with_pip=True).create(root)
     python = root / "bin" / "python"
     done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                           f"{ROOT}[serve]"], capture_output=True, text=True, timeout=1200)
+                           f"{source}[serve]"], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return python
 
