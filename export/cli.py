@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from cdface.core.errors import CdfaceError
+from cdface.core.errors import CdfaceError, exit_on_error
+
+if TYPE_CHECKING:
+    from cdface.core.manifest import ExportResult
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
@@ -42,9 +45,10 @@ def _numbers(text: str, what: str) -> list[float]:
     return values
 
 
-def _report(result) -> None:
+def _report(result: ExportResult) -> None:
     m = result.manifest
-    typer.echo(f"wrote {result.onnx_path} ({m.backbone}, {m.embedding_size}-d, sha256 {m.onnx_sha256[:12]}) and {result.manifest_path}")
+    typer.echo(f"wrote {result.onnx_path} ({m.backbone}, {m.embedding_size}-d, sha256 {m.onnx_sha256[:12]}) "
+               f"and {result.manifest_path}")
 
 
 @app.command("onnx")
@@ -55,7 +59,8 @@ def onnx_command(
     version: int = typer.Option(1, "--version", help="Model version, a positive integer."),
     flip: bool = typer.Option(False, "--flip", help="Embed image + its mirror (test-time flip augmentation)."),
     no_simplify: bool = typer.Option(False, "--no-simplify", help="Skip the onnxslim simplification pass."),
-    eval_report: Optional[Path] = typer.Option(None, "--eval-report", help="Evaluation report JSON to record (results + thresholds per FAR)."),
+    eval_report: Optional[Path] = typer.Option(None, "--eval-report",
+                                               help="Evaluation report JSON to record (results + thresholds per FAR)."),
 ) -> None:
     """Export a checkpoint to ONNX (uint8 NHWC RGB in, L2-normalised embedding out), checked against PyTorch."""
     from cdface.export.onnx_export import export_checkpoint
@@ -72,16 +77,19 @@ def wrap_command(
     version: int = typer.Option(1, "--version", help="Model version, a positive integer."),
     layout: Layout = typer.Option(Layout.NCHW, "--layout", help="Input layout the source model expects."),
     order: Order = typer.Option(Order.RGB, "--order", help="Channel order the source model expects."),
-    mean: str = typer.Option("0", "--mean", help="Subtracted from 0..255 pixels: one number or three (model's channel order)."),
+    mean: str = typer.Option("0", "--mean",
+                             help="Subtracted from 0..255 pixels: one number or three (model's channel order)."),
     std: str = typer.Option("1", "--std", help="Divides after the mean: one number or three."),
-    input_size: int = typer.Option(112, "--input-size", help="The source model's crop side (resized from 112 in the graph)."),
+    input_size: int = typer.Option(112, "--input-size",
+                                   help="The source model's crop side (resized from 112 in the graph)."),
     licence: str = typer.Option(..., "--licence", help="The source model's licence, recorded in the manifest."),
 ) -> None:
     """Wrap a third-party ONNX face embedder into the project's input/output contract."""
     from cdface.export.wrap import wrap_onnx
 
     _report(wrap_onnx(src, out, name=name, version=version, input_layout=layout.value, channel_order=order.value,
-                      mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"), input_size=input_size, licence=licence))
+                      mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"), input_size=input_size,
+                      licence=licence))
 
 
 @app.command("wrap-sface")
@@ -152,9 +160,9 @@ def add_version_command(
                                                     help="Merge concurrent requests into batches (default on)."),
 ) -> None:
     """Add an exported model to a Triton model repository as a new version (older versions stay)."""
-    from cdface.export.triton_repo import BACKENDS, add_model_version
+    from cdface.export.triton_repo import BACKENDS, add_model_version, is_backend
 
-    if backend not in BACKENDS:
+    if not is_backend(backend):
         raise CdfaceError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     added = add_model_version(
         repo, model, export_dir, backend=backend, version=version, max_batch_size=max_batch_size,
@@ -164,3 +172,7 @@ def add_version_command(
     )
     typer.echo(f"added {added.model_name} version {added.version} ({added.settings.backend}) at {added.path}; "
                f"serving policy {added.settings.version_policy}")
+
+
+if __name__ == "__main__":  # how the demos run this group (cdface.devtools.commands)
+    exit_on_error(app, "cdface export")

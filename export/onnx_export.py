@@ -28,16 +28,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cdface.core.errors import CdfaceError
 from cdface.core.contract import INPUT_NAME, INPUT_SIZE, OUTPUT_NAME, PARITY_MIN_COSINE, PIXEL_MEAN, PIXEL_STD
 from cdface.core.digest import sha256_bytes, sha256_file
+from cdface.core.errors import CdfaceError
 from cdface.core.manifest import (
     ExportResult,
     ModelManifest,
-    check_name_version,
     Normalisation,
     OutputSpec,
     Source,
+    check_name_version,
     config_digest,
     publish_model,
     read_eval_report,
@@ -104,6 +104,8 @@ def _onnx_to_proto(module: nn.Module, opset: int):
             optimize=True,
             verbose=False,
         )
+    if program is None:  # only the legacy exporter (dynamo=False) returns None
+        raise CdfaceError("torch.onnx.export returned no ONNX program although dynamo=True was asked for")
     return program.model_proto
 
 
@@ -127,8 +129,8 @@ def _check_contract(proto) -> int:
 
     inputs, outputs = list(proto.graph.input), list(proto.graph.output)
     if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
-        raise CdfaceError(f"exported graph has inputs {[i.name for i in inputs]} and outputs {[o.name for o in outputs]}, "
-                          f"expected ['{INPUT_NAME}'] and ['{OUTPUT_NAME}']")
+        raise CdfaceError(f"exported graph has inputs {[i.name for i in inputs]} "
+                          f"and outputs {[o.name for o in outputs]}, expected ['{INPUT_NAME}'] and ['{OUTPUT_NAME}']")
     in_type, out_type = inputs[0].type.tensor_type, outputs[0].type.tensor_type
     if in_type.elem_type != onnx.TensorProto.UINT8 or out_type.elem_type != onnx.TensorProto.FLOAT:
         raise CdfaceError("exported graph must take uint8 images and return float32 embeddings")
@@ -225,7 +227,8 @@ def export_checkpoint(
     try:
         backbone = build_backbone_from(state, checkpoint_path)
     except TypeError as exc:  # kwargs the backbone constructor does not take
-        raise CdfaceError(f"checkpoint {checkpoint_path} describes backbone {spec['name']} with bad arguments: {exc}") from None
+        raise CdfaceError(f"checkpoint {checkpoint_path} describes backbone {spec['name']} "
+                          f"with bad arguments: {exc}") from None
 
     onnx_bytes, dim = export_module(
         EmbeddingModel(backbone, flip=flip), opset=opset, simplify=simplify, reference_fault=reference_fault

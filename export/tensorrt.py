@@ -29,10 +29,10 @@ from typing import Callable, Literal
 import numpy as np
 
 from cdface.core.atomic import atomic_write_bytes, atomic_write_text
-from cdface.core.errors import CdfaceError
-from cdface.core.imaging import read_aligned_crop
 from cdface.core.contract import INPUT_NAME, INPUT_SIZE
 from cdface.core.digest import sha256_bytes, sha256_file
+from cdface.core.errors import CdfaceError
+from cdface.core.imaging import read_aligned_crop
 
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -59,13 +59,14 @@ class Profile:
                 raise CdfaceError(f"{field.replace('_', '-')} must be a positive integer, got {value!r}")
         if not self.min_batch <= self.opt_batch <= self.max_batch:
             raise CdfaceError(
-                f"the profile needs min-batch <= opt-batch <= max-batch, got {self.min_batch}, {self.opt_batch}, {self.max_batch}"
+                "the profile needs min-batch <= opt-batch <= max-batch, "
+                f"got {self.min_batch}, {self.opt_batch}, {self.max_batch}"
             )
 
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(min, opt, max) shapes of the uint8 NHWC input."""
         side = self.input_size
-        return tuple((b, side, side, 3) for b in (self.min_batch, self.opt_batch, self.max_batch))  # type: ignore[return-value]
+        return (self.min_batch, side, side, 3), (self.opt_batch, side, side, 3), (self.max_batch, side, side, 3)
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,8 @@ def cached_engine(
             return engine, True
     except Timeout:
         raise CdfaceError(
-            f"waited {lock_timeout_s:.0f} s for another process to build {engine.name}; remove {engine.with_suffix('.lock')} if no build is running"
+            f"waited {lock_timeout_s:.0f} s for another process to build {engine.name}; "
+            f"remove {engine.with_suffix('.lock')} if no build is running"
         ) from None
 
 
@@ -210,7 +212,8 @@ def current_gpu_name(device: int = 0) -> str:
     raise CdfaceError("no CUDA GPU found: TensorRT engines are built on the GPU that will run them")
 
 
-def read_calibration_images(calib_dir: str | os.PathLike, input_size: int = INPUT_SIZE, limit: int = 1024) -> np.ndarray:
+def read_calibration_images(calib_dir: str | os.PathLike, input_size: int = INPUT_SIZE,
+                            limit: int = 1024) -> np.ndarray:
     """Aligned crops (JPEG, PNG or WebP files) from ``calib_dir`` as uint8 [N, S, S, 3] RGB."""
     calib_dir = Path(calib_dir)
     files = sorted(p for p in calib_dir.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})[:limit]

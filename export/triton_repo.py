@@ -28,22 +28,30 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, TypeGuard, get_args
 
 from cdface.core.atomic import atomic_write_text
-from cdface.core.errors import CdfaceError
 from cdface.core.contract import INPUT_NAME, INPUT_SIZE, OUTPUT_NAME
+from cdface.core.errors import CdfaceError
 
 Backend = Literal["python", "onnxruntime_onnx", "tensorrt_plan"]
-BACKENDS: tuple[str, ...] = get_args(Backend)
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
+
+
+def is_backend(name: str) -> TypeGuard[Backend]:
+    """Whether ``name`` is one of the backends cdface writes (narrows a user's string to ``Backend``)."""
+    return name in BACKENDS
+
 
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.pbtxt"
 
 # The file Triton loads from each version directory, per backend.
-_MODEL_FILE = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan", "python": "model.py"}
+_MODEL_FILE: dict[Backend, str] = {
+    "onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan", "python": "model.py",
+}
 # Triton's (platform, backend) names for each of ours.
-_TRITON_NAMES = {
+_TRITON_NAMES: dict[Backend, tuple[str, str]] = {
     "onnxruntime_onnx": ("onnxruntime_onnx", "onnxruntime"),
     "tensorrt_plan": ("tensorrt_plan", "tensorrt"),
     "python": ("", "python"),
@@ -184,7 +192,8 @@ class ModelSettings:
             raise CdfaceError("max_batch_size must be at least 1 (the model is always served batched).")
         bad = [b for b in self.preferred if not 1 <= b <= self.max_batch_size]
         if bad:
-            raise CdfaceError(f"preferred batch sizes {bad} must lie between 1 and max_batch_size {self.max_batch_size}.")
+            raise CdfaceError(f"preferred batch sizes {bad} must lie between 1 and "
+                              f"max_batch_size {self.max_batch_size}.")
         if self.device not in ("gpu", "cpu"):
             raise CdfaceError(f"device must be gpu or cpu, not {self.device!r}.")
         if self.backend == "tensorrt_plan" and self.device == "cpu":
@@ -340,7 +349,7 @@ def _onnx_embedding_size(onnx_path: Path) -> int | None:
     return out_dims[1] if isinstance(out_dims[1], int) and out_dims[1] > 0 else None
 
 
-def _read_export(export_dir: Path, backend: str) -> tuple[list[Path], int]:
+def _read_export(export_dir: Path, backend: Backend) -> tuple[list[Path], int]:
     """(files to copy into the version directory, embedding size D) for one exported model.
 
     The manifest is validated (``cdface.core.manifest``) and the ONNX file must be the one it describes:
@@ -354,7 +363,8 @@ def _read_export(export_dir: Path, backend: str) -> tuple[list[Path], int]:
     manifest = read_manifest(manifest_path)
     if manifest.onnx_file != "model.onnx":
         # Triton and model.py look for model.onnx; a renamed file would need per-version config.
-        raise CdfaceError(f"{manifest_path} names ONNX file {manifest.onnx_file!r}; Triton repositories need model.onnx.")
+        raise CdfaceError(f"{manifest_path} names ONNX file {manifest.onnx_file!r}; "
+                          "Triton repositories need model.onnx.")
 
     files = [manifest_path]
     onnx_path = export_dir / manifest.onnx_file
@@ -451,6 +461,7 @@ def add_model_version(
                 return value
             return getattr(current, field) if current is not None else default
 
+        preferred_sizes: tuple[int, ...] | None
         if preferred is not None:
             preferred_sizes = tuple(preferred)
         elif current is not None and max_batch_size in (None, current.max_batch_size):
@@ -499,6 +510,8 @@ def set_version_policy(repo: str | os.PathLike, model_name: str, policy: "str | 
         raise CdfaceError(f"{model_dir} has no {CONFIG_FILE}; add a version first.")
     with FileLock(str(model_dir / ".cdface-write.lock")):
         current = read_settings(repo, model_name)
+        if current is None:  # removed between the check above and taking the lock
+            raise CdfaceError(f"{model_dir} has no {CONFIG_FILE}; add a version first.")
         settings = replace(current, version_policy=VersionPolicy.parse(policy))
         write_settings(repo, settings)
     return settings

@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 from collections import deque
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 
-from cdface.core.errors import CdfaceError
 from cdface.core.contract import INPUT_NAME, INPUT_SIZE, OUTPUT_NAME, PARITY_MIN_COSINE
 from cdface.core.digest import sha256_bytes, sha256_file
+from cdface.core.errors import CdfaceError
 from cdface.core.manifest import (
     ExportResult,
     ModelManifest,
@@ -33,6 +33,9 @@ from cdface.core.manifest import (
     publish_model,
     utc_now,
 )
+
+if TYPE_CHECKING:
+    from onnx import NodeProto, TensorProto
 
 __all__ = ["wrap_onnx", "prepare_source", "ExportResult"]
 
@@ -45,7 +48,8 @@ ChannelOrder = Literal["RGB", "BGR"]
 
 
 def _per_channel(value: float | Sequence[float], what: str) -> list[float]:
-    values = [float(value)] * 3 if np.isscalar(value) else [float(v) for v in value]
+    # numpy scalars count as one number too (np.float32 is no float subclass).
+    values = [float(value)] * 3 if isinstance(value, (int, float, np.number)) else [float(v) for v in value]
     if len(values) == 1:
         values *= 3
     if len(values) != 3:
@@ -91,7 +95,8 @@ def prepare_source(src: str | os.PathLike):
 
     inputs = _real_inputs(graph)
     if len(inputs) != 1:
-        raise CdfaceError(f"{src.name} has {len(inputs)} data inputs ({[i.name for i in inputs]}); a face embedder has one")
+        raise CdfaceError(f"{src.name} has {len(inputs)} data inputs ({[i.name for i in inputs]}); "
+                          "a face embedder has one")
     if len(inputs[0].type.tensor_type.shape.dim) != 4:
         raise CdfaceError(f"{src.name}'s input {inputs[0].name} is not a 4-d image tensor")
     # Fixed batch sizes are recorded on the input, the outputs and every intermediate value_info.
@@ -107,7 +112,7 @@ def prepare_source(src: str | os.PathLike):
     return model
 
 
-def _constant_array(model, name: str) -> tuple[object, np.ndarray] | None:
+def _constant_array(model, name: str) -> tuple[TensorProto, np.ndarray] | None:
     from onnx import numpy_helper
 
     for tensor in model.graph.initializer:
@@ -168,7 +173,8 @@ def _preprocess_graph(model_input: str, *, layout: Layout, order: ChannelOrder, 
                       std: list[float], input_size: int, elem_type: int):
     from onnx import TensorProto, helper, numpy_helper
 
-    nodes, inits = [], []
+    nodes: list[NodeProto] = []
+    inits: list[TensorProto] = []
     x = INPUT_NAME
 
     def step(op: str, inputs: list[str], **attrs) -> str:
@@ -250,9 +256,11 @@ def _session(onnx_bytes: bytes):
         raise CdfaceError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
 
 
-def _by_hand(images: np.ndarray, *, layout: Layout, order: ChannelOrder, mean, std) -> np.ndarray:
+def _by_hand(images: np.ndarray, *, layout: Layout, order: ChannelOrder, mean: list[float],
+             std: list[float]) -> np.ndarray:
     """The preprocessing the wrapper promises, written in numpy, image by image: the reference."""
-    x = images.astype(np.float32)
+    # Plain ndarray: held to float32, numpy's stubs mistype the (float32) arithmetic below as complex128.
+    x: np.ndarray = images.astype(np.float32)
     if order == "BGR":
         x = x[..., ::-1]
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)

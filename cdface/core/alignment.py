@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cdface.core.errors import CdfaceError
 from cdface.core.contract import INPUT_SIZE
+from cdface.core.errors import CdfaceError
 
 # Landmark order: the eye on the image's left (the subject's right eye), the other eye, the nose
 # tip, the mouth corner on the image's left, the other mouth corner - the order RetinaFace, SCRFD

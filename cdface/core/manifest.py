@@ -18,16 +18,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cdface.core.atomic import atomic_write_bytes, atomic_write_text
-from cdface.core.errors import CdfaceError
-from cdface.core.digest import sha256_bytes, sha256_file
 from cdface.core.contract import INPUT_NAME, INPUT_SIZE, OUTPUT_NAME
+from cdface.core.digest import sha256_bytes, sha256_file
+from cdface.core.errors import CdfaceError
 
-FORMAT = "cdface-model/1"
+FORMAT: Final = "cdface-model/1"  # Final keeps the literal type the manifest field needs
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 ONNX_FILENAME = "model.onnx"
 MANIFEST_FILENAME = "manifest.json"
@@ -168,7 +168,8 @@ def config_digest(config: dict[str, Any]) -> str:
 def check_name_version(name: str, version: int) -> None:
     """Fail fast, before an export does any work, on a name or version the manifest would refuse."""
     if not re.match(NAME_PATTERN, name or ""):
-        raise CdfaceError(f"model name {name!r} must start with a letter or digit and use only letters, digits, '_', '.', '-'")
+        raise CdfaceError(f"model name {name!r} must start with a letter or digit "
+                          "and use only letters, digits, '_', '.', '-'")
     if not isinstance(version, int) or version < 1:
         raise CdfaceError(f"model version must be a positive integer, got {version!r}")
 

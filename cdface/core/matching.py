@@ -18,4 +18,4 @@ Score = TypeVar("Score", float, np.ndarray)
 
 def is_match(similarity: Score, threshold: float) -> Score:
     """True where ``similarity > threshold`` (strictly: a score equal to the threshold is rejected)."""
-    return similarity > threshold  # type: ignore[return-value]
+    return similarity > threshold

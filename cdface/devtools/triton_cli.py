@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from cdface.core.errors import CdfaceError
+from cdface.core.errors import CdfaceError, exit_on_error
 
 app = typer.Typer(no_args_is_help=True, help="A local Triton Inference Server for development and demos.")
 
@@ -66,3 +66,7 @@ def serve_command(
         typer.echo("stopping tritonserver")
         server.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":  # how the demos run this group (cdface.devtools.commands)
+    exit_on_error(app, "cdface triton")

@@ -30,6 +30,7 @@ import urllib.request
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from cdface.core.atomic import atomic_write_text
 from cdface.core.digest import sha256_bytes
@@ -297,7 +298,7 @@ class TritonServer:
         self.stop_timeout_s = stop_timeout_s
         self.host = host
         self.process: subprocess.Popen | None = None
-        self._log_file = None
+        self._log_file: BinaryIO | None = None
 
     # URLs in the forms tritonclient wants (host:port, no scheme) and curl-able metrics.
     @property
@@ -381,34 +382,36 @@ class TritonServer:
             fd, name = tempfile.mkstemp(prefix=f"tritonserver-{self.http_port}-", suffix=".log", dir=logs)
             os.close(fd)
             self.log_path = Path(name)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_file = open(self.log_path, "ab")
+        log_path = self.log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(log_path, "ab")
         # Its own session: a Ctrl-C meant for the parent does not reach the server half-way through
         # a request; stop() (or the exit hook above) decides how it ends.
-        self.process = subprocess.Popen(self.command(env), stdout=self._log_file, stderr=subprocess.STDOUT,
-                                        env=self._environ(env), start_new_session=True)
+        self.process = process = subprocess.Popen(self.command(env), stdout=self._log_file,
+                                                  stderr=subprocess.STDOUT, env=self._environ(env),
+                                                  start_new_session=True)
         _RUNNING.add(self)
         try:
-            self._wait_ready()
+            self._wait_ready(process, log_path)
         except BaseException:
             self.stop()
             raise
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, process: subprocess.Popen, log_path: Path) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
         url = f"http://{self.http_url}/v2/health/ready"
         while True:
-            code = self.process.poll()
+            code = process.poll()
             if code is not None:
-                raise CdfaceError(f"tritonserver exited with code {code} while starting; log {self.log_path}: "
-                                  f"{_tail(self.log_path, 12)}")
+                raise CdfaceError(f"tritonserver exited with code {code} while starting; log {log_path}: "
+                                  f"{_tail(log_path, 12)}")
             with contextlib.suppress(urllib.error.URLError, OSError):
                 with urllib.request.urlopen(url, timeout=1) as resp:
                     if resp.status == 200:
                         return
             if time.monotonic() > deadline:
                 raise CdfaceError(f"tritonserver was not ready after {self.ready_timeout_s:.0f} s; "
-                                  f"log {self.log_path}: {_tail(self.log_path, 12)}")
+                                  f"log {log_path}: {_tail(log_path, 12)}")
             time.sleep(0.2)
 
     def is_running(self) -> bool:
