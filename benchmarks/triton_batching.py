@@ -110,7 +110,7 @@ def ensure_perf_analyzer() -> tuple[Path, dict[str, str]]:
     from filelock import FileLock
 
     from cdface.core.paths import cache_dir
-    from cdface.devtools.triton_local import ensure_server_env
+    from cdface.devtools.triton_env import ensure_server_env
 
     env = ensure_server_env()
     libs = env.site_packages / "nvidia_pytriton.libs"

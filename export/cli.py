@@ -160,7 +160,8 @@ def add_version_command(
                                                     help="Merge concurrent requests into batches (default on)."),
 ) -> None:
     """Add an exported model to a Triton model repository as a new version (older versions stay)."""
-    from cdface.export.triton_repo import BACKENDS, add_model_version, is_backend
+    from cdface.export.triton_config import BACKENDS, is_backend
+    from cdface.export.triton_repo import add_model_version
 
     if not is_backend(backend):
         raise CdfaceError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")

@@ -20,8 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import tomllib
-
 from cdface.core.errors import CdfaceError, exit_on_error
 
 TOOLS = ("ruff", "imports", "mypy")
@@ -39,6 +37,10 @@ def repository_root(start: Path | None = None) -> Path:
 
 def package_dirs(root: Path) -> dict[str, str]:
     """pyproject.toml's package -> folder mapping (``[tool.setuptools.package-dir]``)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the package runs there, its development checks need 3.11
+        raise CdfaceError("the static checks need Python 3.11 or later (tomllib)") from None
     return tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
 
 

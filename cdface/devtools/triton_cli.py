@@ -23,7 +23,7 @@ app = typer.Typer(no_args_is_help=True, help="A local Triton Inference Server fo
 @app.command("setup")
 def setup_command() -> None:
     """Create the Triton server's own virtual environment now (it is otherwise made on first `serve`)."""
-    from cdface.devtools.triton_local import ensure_server_env
+    from cdface.devtools.triton_env import ensure_server_env
 
     env = ensure_server_env(quiet=False)
     typer.echo(f"Triton server environment ready: {env.root}")

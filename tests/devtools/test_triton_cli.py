@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_serve_runs_until_sigterm(triton_repo, tmp_path):
-    from cdface.devtools.triton_local import ensure_server_env, free_port
+    from cdface.devtools.triton_env import ensure_server_env
+    from cdface.devtools.triton_local import free_port
 
     ensure_server_env()  # created by the session already, or now; not part of the timing below
     port = free_port()

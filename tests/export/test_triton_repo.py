@@ -11,16 +11,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from typer.testing import CliRunner
 
 from cdface.core.errors import CdfaceError
-from cdface.export.triton_repo import (
-    ModelSettings,
-    VersionPolicy,
-    add_model_version,
-    list_versions,
-    parse_config,
-    read_settings,
-    read_version_manifest,
-    set_version_policy,
-)
+from cdface.export.triton_config import ModelSettings, VersionPolicy, parse_config, read_settings
+from cdface.export.triton_repo import add_model_version, list_versions, read_version_manifest, set_version_policy
 
 
 def _key_lines(text: str) -> list[str]:
