@@ -13,15 +13,20 @@ Register in ``cdface/cli.py``::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from cdface.core.errors import CdfaceError, exit_on_error
+
+if TYPE_CHECKING:  # imported when used: the command line starts without the gateway's dependencies
+    from cdface.serving.settings import Settings
+    from cdface.serving.usecases.maintenance import Reembedded
 
 keys_app = typer.Typer(help="Manage API keys (stored hashed in the gallery database).", no_args_is_help=True,
                        add_completion=False, pretty_exceptions_enable=False)
@@ -33,7 +38,7 @@ _URL = typer.Option(None, "--database-url", help="PostgreSQL gallery, postgresql
                     "[default: $CDFACE_SERVE_DATABASE_URL].")
 
 
-def _settings(**overrides: Any):
+def _settings(**overrides: Any) -> Settings:
     from cdface.serving.settings import Settings
 
     try:
@@ -81,9 +86,7 @@ def keys_create(
     """Create a key; it is printed once, only its hash is stored."""
     from cdface.serving.auth import create_key
 
-    settings = _settings(db_path=db)
-    pepper = settings.key_pepper.get_secret_value() if settings.key_pepper else None
-    key, record = create_key(_store(db, database_url), name, scope, pepper)
+    key, record = create_key(_store(db, database_url), name, scope, _settings(db_path=db).pepper)
     print(key)
     print(f"created key {record.id} ({record.name}) with scopes {', '.join(record.scopes)}; it is not shown again",
           file=sys.stderr)
@@ -101,21 +104,16 @@ def keys_list(db: Optional[Path] = _DB, database_url: Optional[str] = _URL) -> N
 def keys_revoke(key_id: str = typer.Argument(..., help="The key id (the part after 'cdf_')."), db: Optional[Path] = _DB,
                 database_url: Optional[str] = _URL) -> None:
     """Revoke a key; requests with it are refused from now on."""
-    from cdface.serving.store import NotFound
-
-    try:
-        record = _store(db, database_url).revoke_key(key_id)
-    except NotFound as exc:
-        raise CdfaceError(str(exc)) from None
+    record = _store(db, database_url).revoke_key(key_id)  # an unknown id: NotFound, a CdfaceError
     print(f"revoked {record.id} ({record.name})")
 
 
 @gallery_app.command("status")
 def gallery_status(db: Optional[Path] = _DB, database_url: Optional[str] = _URL) -> None:
     """Faces per model (the served model's are searchable; others need re-embedding or re-enrolment)."""
-    store = _store(db, database_url)
-    counts = store.count_faces_by_model()
-    print(json.dumps({"faces_by_model": {str(k): v for k, v in counts.items()}, "last_change": store.last_seq()}))
+    from cdface.serving.usecases.maintenance import census
+
+    print(json.dumps(dataclasses.asdict(census(_store(db, database_url)))))
 
 
 @gallery_app.command("reembed")
@@ -133,40 +131,24 @@ def gallery_reembed(
     re-enrolled. Restart the gateway afterwards (it rebuilds its index from the store); gateways on
     PostgreSQL follow the change log and pick the new embeddings up by themselves.
     """
-    settings = _settings(db_path=db, database_url=database_url, model_repository=model_repository, model=model, triton_url=triton_url)
-    result = asyncio.run(reembed(settings, batch))
-    print(json.dumps(result))
+    settings = _settings(db_path=db, database_url=database_url, model_repository=model_repository, model=model,
+                         triton_url=triton_url)
+    print(json.dumps(dataclasses.asdict(asyncio.run(_reembed(settings, batch)))))
 
 
-async def reembed(settings, batch: int = 32) -> dict[str, Any]:
-    import numpy as np
-
-    from cdface.core.imaging import decode_image
-    from cdface.serving.service import open_store, resolve_manifest
+async def _reembed(settings: Settings, batch: int) -> Reembedded:
+    from cdface.serving.service import open_embedder, open_store, resolve_manifest
     from cdface.serving.store import ModelKey
-    from cdface.serving.triton import TritonEmbedder
+    from cdface.serving.usecases.maintenance import reembed
 
     manifest, version = resolve_manifest(settings)
-    target = ModelKey(manifest.name, manifest.version)
     store = open_store(settings)
-    embedder = TritonEmbedder(settings.triton_url, settings.model, version, dim=manifest.embedding_size,
-                              timeout_s=settings.triton_timeout_s, retries=settings.triton_retries,
-                              max_batch=settings.triton_max_batch)
-    done = 0
+    embedder = open_embedder(settings, manifest, version)
     try:
-        pending = list(store.faces_to_reembed(target))
-        for i in range(0, len(pending), batch):
-            chunk = pending[i:i + batch]
-            crops = np.stack([decode_image(png, what=f"retained crop of face {fid}") for fid, png in chunk])
-            vectors = await embedder.embed(crops)
-            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-            done += store.replace_embeddings([(fid, v) for (fid, _), v in zip(chunk, vectors)], target)
+        return await reembed(store, embedder, ModelKey(manifest.name, manifest.version), batch)
     finally:
         await embedder.close()
-    counts = store.count_faces_by_model()
-    left = sum(v for k, v in counts.items() if k != target)
-    store.close()
-    return {"model": str(target), "reembedded": done, "need_reenrolment": left}
+        store.close()
 
 
 cli = typer.Typer(help="cdface serving stage.", no_args_is_help=True, add_completion=False,

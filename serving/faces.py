@@ -109,7 +109,7 @@ def extract_faces(rgb: np.ndarray, mode: FaceMode, *, detector: Detector | None,
         return [FaceCrop(crop, None, points.tolist(), {"face_size": round(size, 1),
                                                        "sharpness": round(sharpness(crop), 2)})]
     if detector is None:
-        raise ImageError("detector_unavailable", "face detection is not available on this server", 503)
+        raise ImageError("detector_unavailable", "face detection is not available on this server")
     found = detector.detect(rgb)
     out: list[FaceCrop] = []
     for row in found:

@@ -44,6 +44,16 @@ class Candidate:
 
 
 @dataclass(frozen=True)
+class SyncLag:
+    """How far a replica may be behind its shared store."""
+
+    applied_seq: int  # every change up to here is in the index
+    store_seq: int  # the store's newest change
+    behind: int
+    seconds_since_sync: float | None
+
+
+@dataclass(frozen=True)
 class GalleryStatus:
     model: str
     faces_indexed: int
@@ -143,11 +153,11 @@ class Gallery:
             self.last_sync = time.monotonic()
         return total
 
-    def lag(self) -> dict[str, Any]:
+    def lag(self) -> SyncLag:
         """How far this replica may be behind the store: changes not yet applied, seconds since a sync."""
         latest = self.store.last_seq()
-        return {"applied_seq": self.applied_seq, "store_seq": latest, "behind": max(0, latest - self.applied_seq),
-                "seconds_since_sync": None if self.last_sync is None else round(time.monotonic() - self.last_sync, 3)}
+        return SyncLag(self.applied_seq, latest, max(0, latest - self.applied_seq),
+                       None if self.last_sync is None else round(time.monotonic() - self.last_sync, 3))
 
     def _forget(self, face_ids: Sequence[int]) -> None:
         with self._lock:
@@ -201,7 +211,8 @@ class Gallery:
 
 
 class Follower:
-    """A thread that keeps a gallery in step with a shared store: woken by NOTIFY, else every ``poll_s``.
+    """A thread that keeps a gallery in step with a shared store: woken by ``store.wait_for_change``
+    (NOTIFY on PostgreSQL), else every ``poll_s``.
 
     The notification only wakes it; what it applies comes from the change log, so a missed
     notification (or a database restart) delays a change by at most one poll interval.
@@ -218,13 +229,9 @@ class Follower:
         self._thread.start()
 
     def _run(self) -> None:
-        wait = getattr(self.gallery.store, "wait_for_change", None)
         while not self._stop.is_set():
             try:
-                if wait is not None:
-                    wait(self.poll_s)
-                else:
-                    self._stop.wait(self.poll_s)
+                self.gallery.store.wait_for_change(self.poll_s)
                 if self._stop.is_set():
                     break
                 self.gallery.sync()

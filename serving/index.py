@@ -79,7 +79,8 @@ class FaceIndex:
         faiss = _faiss()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dim)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        index, kind = self._make_flat(), "flat"
+        index = self._make_flat()
+        kind: IndexKind = "flat"
         if self.spec.kind == "ivf":
             n = len(ids)
             nlist = self.spec.nlist or max(1, int(4 * np.sqrt(max(n, 1))))

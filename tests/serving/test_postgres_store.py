@@ -20,7 +20,7 @@ def store(request, tmp_path):
     if request.param == "sqlite":
         s = SQLiteStore(tmp_path / "g.db")
     else:
-        from cdface.serving.store_postgres import PostgresStore
+        from cdface.serving.store.postgres import PostgresStore
 
         s = PostgresStore(request.getfixturevalue("postgres_url"))
     yield s
@@ -106,7 +106,7 @@ def test_api_keys(store):
 
 
 def test_postgres_enrolment_is_one_transaction(postgres_url):
-    from cdface.serving.store_postgres import PostgresStore
+    from cdface.serving.store.postgres import PostgresStore
 
     store = PostgresStore(postgres_url)
     a = store.create_identity(None, None, {})
@@ -119,7 +119,7 @@ def test_postgres_enrolment_is_one_transaction(postgres_url):
 
 def test_postgres_concurrent_writers_commit_in_seq_order(postgres_url):
     """Readers following by seq must never skip a change: seq order is commit order across connections."""
-    from cdface.serving.store_postgres import PostgresStore
+    from cdface.serving.store.postgres import PostgresStore
 
     stores = [PostgresStore(postgres_url) for _ in range(4)]
     follower = PostgresStore(postgres_url)
@@ -154,7 +154,7 @@ def test_postgres_concurrent_writers_commit_in_seq_order(postgres_url):
 
 
 def test_postgres_notifies_on_commit(postgres_url):
-    from cdface.serving.store_postgres import PostgresStore
+    from cdface.serving.store.postgres import PostgresStore
 
     store, other = PostgresStore(postgres_url), PostgresStore(postgres_url)
     assert other.wait_for_change(0.2) is False  # listening now; nothing written yet
@@ -170,7 +170,7 @@ def test_cli_keys_and_gallery_take_a_database_url(postgres_url):
     import sys
 
     from cdface.serving.auth import verify_key
-    from cdface.serving.store_postgres import PostgresStore
+    from cdface.serving.store.postgres import PostgresStore
 
     def cli(*args):
         out = subprocess.run([sys.executable, "-m", "cdface.serving.cli", *args, "--database-url", postgres_url],

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cdface.core.imaging import ImageError, decode_image
+from cdface.serving.http_errors import http_status
 from cdface.serving.settings import Settings
 from cdface.serving.triton import CircuitBreaker, TritonEmbedder, TritonUnavailable
 
@@ -56,7 +57,7 @@ def test_embedder_against_nothing_fails_fast_with_503_semantics():
 def test_decode_refuses_before_decoding():
     with pytest.raises(ImageError) as info:
         decode_image(b"x" * 2048, max_bytes=1024, max_pixels=10)
-    assert info.value.code == "image_too_large" and info.value.status == 413
+    assert info.value.code == "image_too_large" and http_status(info.value) == 413
     with pytest.raises(ImageError) as info:
         decode_image(b"", max_bytes=1024, max_pixels=10)
     assert info.value.code == "empty_image"

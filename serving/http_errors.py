@@ -1,0 +1,102 @@
+"""Errors over HTTP: the status of every error code, in this one table, and the handlers that answer them.
+
+Every error is ``{"error": {"code": "stable_code", "message": "..."}}``: 4xx for the caller's
+requests; 5xx only for our own faults and for a model or detector that is unavailable. Domain
+errors (``cdface.serving.errors``) and image errors (``cdface.core.imaging.ImageError``) carry
+their code; their status is looked up here and nowhere else.
+
+Messages never echo request content (no image bytes, no embeddings, no base64): validation errors
+name the field and the rule, not the value.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cdface.core.imaging import ImageError
+from cdface.serving.errors import ServingError
+from cdface.serving.schemas import ErrorResponse
+
+log = logging.getLogger("cdface.serving")
+
+STATUS = {
+    # the request as sent
+    "empty_body": 400, "malformed_json": 400, "malformed_multipart": 400,
+    "payload_too_large": 413, "unsupported_media_type": 415,
+    # who is asking
+    "unauthorized": 401, "invalid_api_key": 401, "forbidden": 403,
+    # the gallery
+    "unknown_identity": 404, "unknown_face": 404, "unknown_api_key": 404,
+    "duplicate_external_id": 409, "duplicate_api_key": 409,
+    # images
+    "image_too_large": 413, "detector_unavailable": 503,
+    # the model server
+    "model_error": 502, "model_unavailable": 503,
+}
+UNPROCESSABLE = 422  # every other code: a well-formed request that cannot be served as asked
+
+# The error statuses the OpenAPI document lists for the /v1 routes.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (401, 403, 404, 409, 413, 415, 422, 503)}
+
+# Errors FastAPI and Starlette raise themselves (unknown route, wrong method, ...): their codes.
+_FRAMEWORK_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                    405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+def http_status(error: ServingError | ImageError) -> int:
+    return STATUS.get(error.code, UNPROCESSABLE)
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def response_for(error: ServingError | ImageError, headers: dict[str, str] | None = None) -> JSONResponse:
+    status = http_status(error)
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(error, ServingError) and error.retry_after is not None:
+        headers["Retry-After"] = str(int(round(error.retry_after)))
+    if status >= 500 and status != 503:  # our fault (or the model server's), not a passing unavailability
+        log.error("%s: %s", error.code, error)
+    return error_response(status, error.code, str(error), headers or None)
+
+
+def validation_message(errors: Iterable[Any]) -> str:
+    parts = []
+    for err in list(errors)[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",)) or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "the request is invalid"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def domain(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, (ServingError, ImageError))
+        return response_for(exc)
+
+    app.add_exception_handler(ServingError, domain)
+    app.add_exception_handler(ImageError, domain)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, "invalid_request", validation_message(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _FRAMEWORK_CODES.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        return error_response(exc.status_code, code, message, dict(exc.headers) if exc.headers else None)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "an internal error occurred; it has been logged")

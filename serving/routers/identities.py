@@ -1,0 +1,75 @@
+"""Routes of the gallery: identities and their faces (``/v1/identities``, tag "gallery")."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Path, Query, Response
+
+from cdface.serving import schemas as s
+from cdface.serving.dependencies import ParsedBody, ServiceDep, form_images, json_or_form, require
+from cdface.serving.http_errors import ERROR_RESPONSES
+from cdface.serving.openapi import body_doc
+from cdface.serving.routers import responses
+from cdface.serving.usecases import identities
+
+router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES, tags=["gallery"])
+
+
+@router.post("/identities", response_model=s.IdentityOut, status_code=201, summary="Create an identity",
+             dependencies=[require("enroll")])
+def create_identity(body: s.IdentityCreate, service: ServiceDep) -> s.IdentityOut:
+    created = identities.create_identity(service, body.external_id, body.name, body.metadata)
+    return responses.identity(created.identity, created.faces_needing_reenrolment)
+
+
+@router.get("/identities", response_model=s.IdentityPage, summary="List identities (by id, paginated)",
+            dependencies=[require("identify")])
+def list_identities(service: ServiceDep, limit: int = Query(50, ge=1, le=1000),
+                    cursor: str | None = Query(None, max_length=64, description="next_cursor of the previous page"),
+                    ) -> s.IdentityPage:
+    page = identities.list_identities(service, limit, cursor)
+    return s.IdentityPage(items=[responses.identity(i) for i in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/identities/{identity_id}", response_model=s.IdentityOut, summary="Get an identity",
+            dependencies=[require("identify")])
+def get_identity(identity_id: str, service: ServiceDep) -> s.IdentityOut:
+    found = identities.get_identity(service, identity_id)
+    return responses.identity(found.identity, found.faces_needing_reenrolment)
+
+
+@router.patch("/identities/{identity_id}", response_model=s.IdentityOut,
+              summary="Update an identity's external id, name or metadata", dependencies=[require("enroll")])
+def update_identity(identity_id: str, body: s.IdentityUpdate, service: ServiceDep) -> s.IdentityOut:
+    return responses.identity(identities.update_identity(service, identity_id, body.model_dump(exclude_unset=True)))
+
+
+@router.delete("/identities/{identity_id}", status_code=204,
+               summary="Delete an identity and all its faces (erased from search at once)",
+               dependencies=[require("delete")])
+def delete_identity(identity_id: str, service: ServiceDep) -> Response:
+    identities.delete_identity(service, identity_id)
+    return Response(status_code=204)
+
+
+@router.post("/identities/{identity_id}/faces", response_model=s.EnrollResponse, status_code=201,
+             summary="Enroll faces (one transaction)",
+             openapi_extra=body_doc(s.EnrollRequest, {"images": "files", "retain_crop": {"type": "boolean"}},
+                                    ["images"]),
+             dependencies=[require("enroll")])
+async def enroll(identity_id: str, service: ServiceDep, body: ParsedBody[s.EnrollRequest] = json_or_form(
+        s.EnrollRequest, form_images)) -> s.EnrollResponse:
+    faces = await identities.enroll(service, identity_id, body.images, body.request.retain_crop)
+    return s.EnrollResponse(faces=responses.faces(faces, service.model_key))
+
+
+@router.get("/identities/{identity_id}/faces", response_model=s.FaceList, summary="List faces",
+            dependencies=[require("identify")])
+def list_faces(identity_id: str, service: ServiceDep) -> s.FaceList:
+    return s.FaceList(items=responses.faces(identities.list_faces(service, identity_id), service.model_key))
+
+
+@router.delete("/identities/{identity_id}/faces/{face_id}", status_code=204, summary="Delete a face",
+               dependencies=[require("delete")])
+def delete_face(identity_id: str, service: ServiceDep, face_id: int = Path(ge=1, le=2**63 - 1)) -> Response:
+    identities.delete_face(service, identity_id, face_id)
+    return Response(status_code=204)

@@ -1,0 +1,45 @@
+"""Routes for operating the gateway (tag "operations"): the gallery's status (``/v1/gallery``, admin scope),
+and liveness, readiness and metrics, which need no key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from cdface.serving import schemas as s
+from cdface.serving.dependencies import MetricsDep, ServiceDep, require
+from cdface.serving.http_errors import ERROR_RESPONSES
+from cdface.serving.routers import responses
+from cdface.serving.usecases import operations
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/v1/gallery", response_model=s.GalleryStatusOut, responses=ERROR_RESPONSES,
+            summary="Gallery status: index size, faces needing re-enrolment, index = store check",
+            dependencies=[require("admin")])
+def gallery_status(service: ServiceDep) -> s.GalleryStatusOut:
+    return responses.gallery_status(operations.gallery_report(service))
+
+
+@router.get("/healthz", response_model=s.Health, summary="Liveness: the process answers")
+async def healthz() -> s.Health:
+    return s.Health(status="ok")
+
+
+@router.get("/readyz", response_model=s.ReadinessOut, responses={503: {"model": s.ReadinessOut}},
+            summary="Readiness: the Triton model is ready and the gallery is loaded (and, on PostgreSQL, in step)")
+async def readyz(service: ServiceDep) -> Any:
+    result = await operations.readiness(service)
+    body = responses.readiness(service, result)
+    return body if result.ready else JSONResponse(body.model_dump(), status_code=503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(service: ServiceDep, registry: MetricsDep) -> Response:
+    state = operations.gauges(service)
+    body, content_type = registry.render(state.faces_indexed, state.breaker_open)
+    return Response(body, media_type=content_type)

@@ -1,0 +1,70 @@
+"""Domain results -> response models: the one place the routes' answers are assembled."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from cdface.serving import schemas as s
+from cdface.serving.service import FaceService
+from cdface.serving.store import Face, Identity, ModelKey
+from cdface.serving.usecases.images import FoundFace
+from cdface.serving.usecases.operations import GalleryReport, Readiness
+from cdface.serving.usecases.recognition import Candidate, Decision, EmbeddedFaces, Identification, Verification
+
+
+def model_info(service: FaceService) -> s.ModelInfo:
+    return s.ModelInfo(name=service.manifest.name, version=service.manifest.version,
+                       embedding_size=service.manifest.embedding_size, triton_model=service.settings.model)
+
+
+def _detected(found: FoundFace) -> dict[str, Any]:
+    face = found.face
+    return {"image": found.image, "box": face.box, "landmarks": face.landmarks, "quality": face.quality}
+
+
+def _decision(decision: Decision) -> dict[str, Any]:
+    return {"threshold": decision.threshold, "threshold_source": decision.source, "far": decision.far}
+
+
+def embeddings(service: FaceService, result: EmbeddedFaces) -> s.EmbeddingsResponse:
+    return s.EmbeddingsResponse(model=model_info(service), faces=[
+        s.FaceEmbedding(**_detected(f), embedding=v.tolist()) for f, v in zip(result.faces, result.vectors)])
+
+
+def verification(service: FaceService, result: Verification) -> s.VerifyResponse:
+    return s.VerifyResponse(**_decision(result.decision), match=result.match, similarity=result.similarity,
+                            model=model_info(service), identity_id=result.identity_id,
+                            faces=[s.DetectedFace(**_detected(f)) for f in result.faces])
+
+
+def _candidate(c: Candidate) -> s.CandidateOut:
+    return s.CandidateOut(identity_id=c.identity.id, external_id=c.identity.external_id, name=c.identity.name,
+                          face_id=c.face_id, similarity=c.similarity, match=c.match)
+
+
+def identification(service: FaceService, result: Identification) -> s.IdentifyResponse:
+    return s.IdentifyResponse(**_decision(result.decision), model=model_info(service), faces=[
+        s.IdentifiedFace(**_detected(f.face), candidates=[_candidate(c) for c in f.candidates],
+                         match=_candidate(f.match) if f.match is not None else None) for f in result.faces])
+
+
+def identity(record: Identity, needing: int | None = None) -> s.IdentityOut:
+    return s.IdentityOut(id=record.id, external_id=record.external_id, name=record.name, metadata=record.metadata,
+                         created=record.created, updated=record.updated, face_count=record.face_count,
+                         faces_needing_reenrolment=needing)
+
+
+def faces(records: list[Face], served: ModelKey) -> list[s.FaceOut]:
+    return [s.FaceOut(id=f.id, identity_id=f.identity_id, model=str(f.model), current=f.model == served,
+                      created=f.created, has_crop=f.has_crop, box=f.box, quality=f.quality) for f in records]
+
+
+def readiness(service: FaceService, result: Readiness) -> s.ReadinessOut:
+    return s.ReadinessOut(status="ready" if result.ready else "not_ready", triton=result.triton,
+                          gallery=result.gallery, model=model_info(service),
+                          sync=s.SyncStatus(**asdict(result.sync)) if result.sync is not None else None)
+
+
+def gallery_status(report: GalleryReport) -> s.GalleryStatusOut:
+    return s.GalleryStatusOut(**asdict(report.status), consistent=report.consistent, store_faces=report.store_faces)

@@ -1,0 +1,24 @@
+"""The gallery's store of record (see ``base``): SQLite by default, PostgreSQL for several replicas.
+
+``PostgresStore`` lives in ``cdface.serving.store.postgres`` and is not imported here: psycopg is
+needed only when PostgreSQL is used.
+"""
+
+from cdface.serving.errors import Conflict, NotFound
+from cdface.serving.store.base import (
+                                       ApiKey,
+                                       Change,
+                                       Embeddings,
+                                       Face,
+                                       GalleryStore,
+                                       Identity,
+                                       ModelKey,
+                                       NewFace,
+                                       new_identity_id,
+                                       utc_now,
+)
+from cdface.serving.store.sql import SCHEMA_VERSION, SqlStore
+from cdface.serving.store.sqlite import SQLiteStore
+
+__all__ = ["ApiKey", "Change", "Conflict", "Embeddings", "Face", "GalleryStore", "Identity", "ModelKey", "NewFace",
+           "NotFound", "SCHEMA_VERSION", "SQLiteStore", "SqlStore", "new_identity_id", "utc_now"]

@@ -1,0 +1,208 @@
+"""The gallery's store of record: its records and ``GalleryStore``, the one interface every store implements.
+
+A store holds identities, their faces (embeddings), API keys (hashes only) and an ordered change
+log. Every write is one transaction and is durable when the call returns, so a write the caller saw
+acknowledged survives a crash of the process (kill -9) or of the machine.
+
+The change log (a strictly increasing ``seq``) is the change feed: gateways sharing one store
+(``shared``) follow it to keep their in-memory indexes in step (``changes_since`` from their
+watermark, ``wait_for_change`` to sleep until there is something to read).
+
+Ids: identities get opaque string ids (``idt_`` + 24 hex digits) plus an optional caller-chosen,
+unique ``external_id``; faces get integer ids that are never reused, which is what the FAISS index
+stores.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as _dt
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_identity_id() -> str:
+    return "idt_" + uuid.uuid4().hex[:24]
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """Which model made an embedding: embeddings of different models never meet in one search."""
+
+    name: str
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True)
+class Identity:
+    id: str
+    external_id: str | None
+    name: str | None
+    metadata: dict[str, Any]
+    created: str
+    updated: str
+    face_count: int = 0
+
+
+@dataclass(frozen=True)
+class NewFace:
+    embedding: np.ndarray  # float32 [D], L2-normalised
+    model: ModelKey
+    crop: bytes | None = None  # the aligned 112x112 crop as PNG, kept only when asked (re-embedding)
+    box: list[float] | None = None
+    quality: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Face:
+    id: int
+    identity_id: str
+    model: ModelKey
+    dim: int
+    created: str
+    has_crop: bool
+    box: list[float] | None
+    quality: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    scopes: tuple[str, ...]
+    created: str
+    revoked: str | None
+
+
+@dataclass(frozen=True)
+class Change:
+    seq: int
+    op: str  # identity.create | identity.update | identity.delete | face.add | face.delete | face.reembed
+    identity_id: str | None
+    face_id: int | None
+    at: str
+
+
+Embeddings = tuple[np.ndarray, list[str], np.ndarray]
+"""(face ids int64 [N], their identity ids, embeddings float32 [N, dim]), in face id order."""
+
+
+class GalleryStore(abc.ABC):
+    """What the gateway needs from a store of record. Every write is one transaction and is durable on return.
+
+    Missing records raise ``NotFound`` and uniqueness violations ``Conflict`` (``cdface.serving.errors``),
+    each with its code.
+    """
+
+    shared: bool = False
+    """True when several processes write to this store: each gateway must then follow the change log."""
+
+    # -- identities -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_identity(self, external_id: str | None, name: str | None, metadata: dict[str, Any]) -> Identity: ...
+
+    @abc.abstractmethod
+    def get_identity(self, identity_id: str) -> Identity: ...
+
+    @abc.abstractmethod
+    def list_identities(self, limit: int, after: str | None = None) -> list[Identity]:
+        """Identities with an id after ``after``, by id in byte order (the cursor of a paginated list)."""
+
+    @abc.abstractmethod
+    def update_identity(self, identity_id: str, changes: dict[str, Any]) -> Identity: ...
+
+    @abc.abstractmethod
+    def delete_identity(self, identity_id: str) -> list[int]:
+        """Delete the identity and all its faces; return the deleted face ids."""
+
+    @abc.abstractmethod
+    def identities_by_id(self, ids: Sequence[str]) -> dict[str, Identity]:
+        """The identities among ``ids`` that exist."""
+
+    # -- faces ----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def add_faces(self, identity_id: str, faces: Sequence[NewFace]) -> list[Face]:
+        """Add all the faces or none (one transaction)."""
+
+    @abc.abstractmethod
+    def list_faces(self, identity_id: str) -> list[Face]: ...
+
+    @abc.abstractmethod
+    def delete_face(self, identity_id: str, face_id: int) -> None: ...
+
+    @abc.abstractmethod
+    def face_embeddings(self, identity_id: str, model: ModelKey) -> np.ndarray:
+        """float32 [N, D]: the identity's embeddings made by ``model`` (shape (0, 0) when there are none)."""
+
+    @abc.abstractmethod
+    def load_embeddings(self, model: ModelKey, dim: int) -> Embeddings:
+        """Every face made by ``model``."""
+
+    @abc.abstractmethod
+    def embeddings_of(self, face_ids: Sequence[int], model: ModelKey, dim: int) -> Embeddings:
+        """Like ``load_embeddings`` for just these faces (those still present and made by ``model``)."""
+
+    @abc.abstractmethod
+    def count_faces_by_model(self) -> dict[ModelKey, int]: ...
+
+    @abc.abstractmethod
+    def faces_to_reembed(self, model: ModelKey) -> Iterator[tuple[int, bytes]]:
+        """(face id, retained crop PNG) of faces made by another model that kept their crop."""
+
+    @abc.abstractmethod
+    def replace_embeddings(self, items: Sequence[tuple[int, np.ndarray]], model: ModelKey) -> int:
+        """Store new embeddings (made by ``model``) for these faces; return how many faces still existed."""
+
+    # -- the change feed ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def changes_since(self, seq: int, limit: int = 1000) -> list[Change]:
+        """Up to ``limit`` changes after ``seq``, in ``seq`` order (which is commit order)."""
+
+    @abc.abstractmethod
+    def last_seq(self) -> int:
+        """The newest change's ``seq`` (0 for an empty log)."""
+
+    @abc.abstractmethod
+    def wait_for_change(self, timeout: float) -> bool:
+        """Block up to ``timeout`` s until a change may have been committed; True if one was seen.
+
+        Only a wake-up: what changed is read from ``changes_since``, so a missed wake-up costs a
+        ``timeout``, never a change.
+        """
+
+    # -- API keys (hashes only) -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def add_key(self, key_id: str, key_hash: str, name: str, scopes: Sequence[str]) -> ApiKey: ...
+
+    @abc.abstractmethod
+    def find_key(self, key_id: str) -> tuple[ApiKey, str] | None:
+        """The key and its stored hash, or None."""
+
+    @abc.abstractmethod
+    def list_keys(self) -> list[ApiKey]: ...
+
+    @abc.abstractmethod
+    def revoke_key(self, key_id: str) -> ApiKey: ...
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise unless the store answers (readiness)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

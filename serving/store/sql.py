@@ -1,0 +1,394 @@
+"""The gallery's SQL, written once: the schema and every query, for SQLite and PostgreSQL alike.
+
+``SqlStore`` implements ``GalleryStore`` with one connection shared under a lock; a dialect
+(``SQLiteStore``, ``PostgresStore``) supplies only what differs between the two databases:
+
+- the parameter placeholder (queries here are written with ``?``), and the column types of an
+  auto-incremented key that is never reused, of a blob and of a 64-bit integer;
+- how to learn an inserted row's key (``lastrowid`` or ``RETURNING``), and ``column IN (...)``;
+- ``byte_order``, the collation that makes text compare byte by byte (cursors page alike on both);
+- the exception a unique constraint raises, and the driver's base exception;
+- connecting, and ``_begin``: one transaction holding the writers' lock, and ``_notify``, the
+  wake-up a committed change sends to the processes that follow the change log.
+
+Every write runs in ``_transaction()``: one transaction, durable when it returns; the change-log
+rows of a write commit with it, so the log never shows a change the tables do not hold.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import threading
+from string import Template
+from typing import Any, ContextManager, Iterator, Sequence
+
+import numpy as np
+
+from cdface.core.errors import CdfaceError
+from cdface.serving.errors import Conflict, InvalidRequest, NotFound
+from cdface.serving.store.base import (
+    ApiKey,
+    Change,
+    Embeddings,
+    Face,
+    GalleryStore,
+    Identity,
+    ModelKey,
+    NewFace,
+    new_identity_id,
+    utc_now,
+)
+
+SCHEMA_VERSION = 1
+SCHEMA = Template("""
+CREATE TABLE IF NOT EXISTS identities (
+    id TEXT PRIMARY KEY,
+    external_id TEXT UNIQUE,
+    name TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS faces (
+    id $serial_key,
+    identity_id TEXT NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
+    embedding $blob NOT NULL,
+    dim INTEGER NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    created TEXT NOT NULL,
+    crop $blob,
+    box TEXT,
+    quality TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS faces_identity ON faces(identity_id);
+CREATE INDEX IF NOT EXISTS faces_model ON faces(model_name, model_version);
+CREATE TABLE IF NOT EXISTS changes (
+    seq $serial_key,
+    op TEXT NOT NULL,
+    identity_id TEXT,
+    face_id $int64,
+    at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    hash TEXT NOT NULL,
+    name TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    created TEXT NOT NULL,
+    revoked TEXT
+);
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+""")
+
+_IDENTITY = ("SELECT i.id, i.external_id, i.name, i.metadata, i.created, i.updated, "
+             "(SELECT COUNT(*) FROM faces f WHERE f.identity_id = i.id) FROM identities i")
+_FACE = "SELECT id, identity_id, model_name, model_version, dim, created, crop IS NOT NULL, box, quality FROM faces"
+_KEY = "SELECT id, name, scopes, created, revoked FROM api_keys"
+_UPDATABLE = ("external_id", "name", "metadata")
+
+
+def _identity(row: tuple) -> Identity:
+    return Identity(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], int(row[6]))
+
+
+def _face(row: tuple) -> Face:
+    return Face(int(row[0]), row[1], ModelKey(row[2], int(row[3])), int(row[4]), row[5], bool(row[6]),
+                json.loads(row[7]) if row[7] else None, json.loads(row[8]))
+
+
+def _key(row: tuple) -> ApiKey:
+    return ApiKey(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4])
+
+
+def _vector(embedding: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(embedding, dtype=np.float32).reshape(-1)
+
+
+class SqlStore(GalleryStore):
+    """Every query of the gallery; a subclass is a dialect (see the module docstring)."""
+
+    placeholder = "?"
+    serial_key: str  # column type: an auto-incremented integer key that is never reused
+    blob: str
+    int64: str
+    byte_order = ""  # appended to text columns in comparisons and ORDER BY
+    unique_violation: type[Exception]
+    driver_error: type[Exception]
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # one connection, shared by the threads of the gateway
+        try:
+            self._db = self._connect()
+            self._create_schema()
+        except self.driver_error as exc:
+            raise CdfaceError(f"cannot open the gallery database {self.where}: {exc}".strip()) from None
+
+    # -- what a dialect supplies ----------------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def where(self) -> str:
+        """The database, for messages (never a password)."""
+
+    @abc.abstractmethod
+    def _connect(self) -> Any: ...
+
+    def _connection(self) -> Any:
+        """The shared connection, ready for a statement (called under the lock)."""
+        return self._db
+
+    @abc.abstractmethod
+    def _begin(self, db: Any, lock: str) -> ContextManager[None]:
+        """One transaction holding the writers' lock ``lock`` ("write" or "schema"): commit on exit, else roll back."""
+
+    @abc.abstractmethod
+    def _insert(self, db: Any, sql: str, args: tuple, key: str) -> int:
+        """Run an INSERT; return the new row's ``key`` column."""
+
+    @abc.abstractmethod
+    def _in(self, column: str, values: Sequence[Any]) -> tuple[str, tuple]:
+        """(condition, arguments): ``column`` is one of ``values``."""
+
+    def _notify(self, db: Any, seq: int) -> None:
+        """Tell the processes that follow the change log that ``seq`` commits with this transaction."""
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _run(self, db: Any, sql: str, args: tuple = ()) -> Any:
+        if self.placeholder != "?":
+            sql = sql.replace("?", self.placeholder)
+        return db.execute(sql, args)
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._run(self._connection(), sql, args).fetchall()
+
+    @contextlib.contextmanager
+    def _transaction(self, lock: str = "write") -> Iterator[Any]:
+        with self._lock:
+            db = self._connection()
+            with self._begin(db, lock):
+                yield db
+
+    def _create_schema(self) -> None:
+        schema = SCHEMA.substitute(serial_key=self.serial_key, blob=self.blob, int64=self.int64)
+        # One transaction under its own lock: gateways starting together must not race on it.
+        with self._transaction("schema") as db:
+            for statement in schema.split(";"):
+                if statement.strip():
+                    self._run(db, statement)
+            row = self._run(db, "SELECT version FROM schema_version").fetchone()
+            if row is None:
+                self._run(db, "INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise CdfaceError(f"gallery {self.where} has schema version {row[0]}; this cdface reads "
+                                  f"{SCHEMA_VERSION}")
+
+    def _log(self, db: Any, op: str, identity_id: str | None, face_id: int | None = None) -> None:
+        seq = self._insert(db, "INSERT INTO changes (op, identity_id, face_id, at) VALUES (?, ?, ?, ?)",
+                           (op, identity_id, face_id, utc_now()), "seq")
+        self._notify(db, seq)
+
+    def _require_identity(self, db: Any, identity_id: str) -> None:
+        if self._run(db, "SELECT 1 FROM identities WHERE id = ?", (identity_id,)).fetchone() is None:
+            raise NotFound(f"no identity with id {identity_id!r}", code="unknown_identity")
+
+    @staticmethod
+    def _duplicate_external_id(external_id: Any) -> Conflict:
+        return Conflict(f"an identity with external_id {external_id!r} already exists", code="duplicate_external_id")
+
+    # -- identities -----------------------------------------------------------------------------
+
+    def create_identity(self, external_id: str | None, name: str | None, metadata: dict[str, Any]) -> Identity:
+        identity_id, now = new_identity_id(), utc_now()
+        try:
+            with self._transaction() as db:
+                self._run(db, "INSERT INTO identities (id, external_id, name, metadata, created, updated) "
+                              "VALUES (?, ?, ?, ?, ?, ?)",
+                          (identity_id, external_id, name, json.dumps(metadata), now, now))
+                self._log(db, "identity.create", identity_id)
+        except self.unique_violation:
+            raise self._duplicate_external_id(external_id) from None
+        return Identity(identity_id, external_id, name, dict(metadata), now, now, 0)
+
+    def get_identity(self, identity_id: str) -> Identity:
+        rows = self._read(_IDENTITY + " WHERE i.id = ?", (identity_id,))
+        if not rows:
+            raise NotFound(f"no identity with id {identity_id!r}", code="unknown_identity")
+        return _identity(rows[0])
+
+    def list_identities(self, limit: int, after: str | None = None) -> list[Identity]:
+        # Byte order on both databases, so a cursor pages the same way whichever store made it.
+        by_id = f"i.id{self.byte_order}"
+        rows = self._read(f"{_IDENTITY} WHERE {by_id} > ? ORDER BY {by_id} LIMIT ?", (after or "", limit))
+        return [_identity(r) for r in rows]
+
+    def identities_by_id(self, ids: Sequence[str]) -> dict[str, Identity]:
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return {}
+        condition, args = self._in("i.id", ids)
+        return {r[0]: _identity(r) for r in self._read(f"{_IDENTITY} WHERE {condition}", args)}
+
+    def update_identity(self, identity_id: str, changes: dict[str, Any]) -> Identity:
+        unknown = set(changes) - set(_UPDATABLE)
+        if unknown:
+            raise InvalidRequest(f"cannot update {sorted(unknown)}", code="store_error")
+        try:
+            with self._transaction() as db:
+                self._require_identity(db, identity_id)
+                for column, value in changes.items():  # column names come from _UPDATABLE only
+                    if column == "metadata":
+                        value = json.dumps(value)
+                    self._run(db, f"UPDATE identities SET {column} = ? WHERE id = ?", (value, identity_id))
+                self._run(db, "UPDATE identities SET updated = ? WHERE id = ?", (utc_now(), identity_id))
+                self._log(db, "identity.update", identity_id)
+        except self.unique_violation:
+            raise self._duplicate_external_id(changes.get("external_id")) from None
+        return self.get_identity(identity_id)
+
+    def delete_identity(self, identity_id: str) -> list[int]:
+        with self._transaction() as db:
+            self._require_identity(db, identity_id)
+            face_ids = [int(r[0]) for r in self._run(db, "SELECT id FROM faces WHERE identity_id = ? ORDER BY id",
+                                                     (identity_id,)).fetchall()]
+            self._run(db, "DELETE FROM faces WHERE identity_id = ?", (identity_id,))
+            self._run(db, "DELETE FROM identities WHERE id = ?", (identity_id,))
+            for face_id in face_ids:
+                self._log(db, "face.delete", identity_id, face_id)
+            self._log(db, "identity.delete", identity_id)
+        return face_ids
+
+    # -- faces ----------------------------------------------------------------------------------
+
+    def add_faces(self, identity_id: str, faces: Sequence[NewFace]) -> list[Face]:
+        out = []
+        with self._transaction() as db:
+            self._require_identity(db, identity_id)
+            for face in faces:
+                vector, now = _vector(face.embedding), utc_now()
+                face_id = self._insert(
+                    db, "INSERT INTO faces (identity_id, embedding, dim, model_name, model_version, created, crop, "
+                        "box, quality) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (identity_id, vector.tobytes(), int(vector.size), face.model.name, face.model.version, now,
+                     face.crop, json.dumps(face.box) if face.box is not None else None, json.dumps(face.quality)),
+                    "id")
+                self._log(db, "face.add", identity_id, face_id)
+                out.append(Face(face_id, identity_id, face.model, int(vector.size), now, face.crop is not None,
+                                face.box, dict(face.quality)))
+            self._run(db, "UPDATE identities SET updated = ? WHERE id = ?", (utc_now(), identity_id))
+        return out
+
+    def list_faces(self, identity_id: str) -> list[Face]:
+        self.get_identity(identity_id)
+        return [_face(r) for r in self._read(_FACE + " WHERE identity_id = ? ORDER BY id", (identity_id,))]
+
+    def delete_face(self, identity_id: str, face_id: int) -> None:
+        with self._transaction() as db:
+            deleted = self._run(db, "DELETE FROM faces WHERE id = ? AND identity_id = ?", (face_id, identity_id))
+            if deleted.rowcount == 0:
+                raise NotFound(f"identity {identity_id!r} has no face {face_id}", code="unknown_face")
+            self._log(db, "face.delete", identity_id, face_id)
+
+    def face_embeddings(self, identity_id: str, model: ModelKey) -> np.ndarray:
+        rows = self._read("SELECT embedding FROM faces WHERE identity_id = ? AND model_name = ? AND model_version = ? "
+                          "ORDER BY id", (identity_id, model.name, model.version))
+        if not rows:
+            return np.zeros((0, 0), np.float32)
+        return np.stack([np.frombuffer(bytes(r[0]), dtype=np.float32) for r in rows])
+
+    def _embeddings(self, model: ModelKey, dim: int, face_ids: Sequence[int] | None = None) -> Embeddings:
+        condition, args = "model_name = ? AND model_version = ? AND dim = ?", (model.name, model.version, dim)
+        if face_ids is not None:
+            among, ids = self._in("id", [int(i) for i in face_ids])
+            condition, args = f"{among} AND {condition}", ids + args
+        rows = self._read(f"SELECT id, identity_id, embedding FROM faces WHERE {condition} ORDER BY id", args)
+        ids_out = np.asarray([r[0] for r in rows], dtype=np.int64)
+        matrix = np.frombuffer(b"".join(bytes(r[2]) for r in rows), dtype=np.float32).reshape(len(rows), dim) \
+            if rows else np.zeros((0, dim), np.float32)
+        return ids_out, [r[1] for r in rows], matrix
+
+    def load_embeddings(self, model: ModelKey, dim: int) -> Embeddings:
+        return self._embeddings(model, dim)
+
+    def embeddings_of(self, face_ids: Sequence[int], model: ModelKey, dim: int) -> Embeddings:
+        if not len(face_ids):
+            return np.zeros(0, np.int64), [], np.zeros((0, dim), np.float32)
+        return self._embeddings(model, dim, face_ids)
+
+    def count_faces_by_model(self) -> dict[ModelKey, int]:
+        rows = self._read("SELECT model_name, model_version, COUNT(*) FROM faces GROUP BY model_name, model_version")
+        return {ModelKey(r[0], int(r[1])): int(r[2]) for r in rows}
+
+    def faces_to_reembed(self, model: ModelKey) -> Iterator[tuple[int, bytes]]:
+        rows = self._read("SELECT id FROM faces WHERE crop IS NOT NULL AND NOT (model_name = ? AND model_version = ?) "
+                          "ORDER BY id", (model.name, model.version))
+        for (face_id,) in rows:  # one crop at a time: a large gallery's crops never sit in memory together
+            found = self._read("SELECT crop FROM faces WHERE id = ?", (face_id,))
+            if found:
+                yield int(face_id), bytes(found[0][0])
+
+    def replace_embeddings(self, items: Sequence[tuple[int, np.ndarray]], model: ModelKey) -> int:
+        done = 0
+        with self._transaction() as db:
+            for face_id, embedding in items:
+                vector = _vector(embedding)
+                updated = self._run(db, "UPDATE faces SET embedding = ?, dim = ?, model_name = ?, model_version = ? "
+                                        "WHERE id = ?", (vector.tobytes(), int(vector.size), model.name, model.version,
+                                                         int(face_id))).rowcount
+                if updated:
+                    owner = self._run(db, "SELECT identity_id FROM faces WHERE id = ?", (int(face_id),)).fetchone()[0]
+                    self._log(db, "face.reembed", owner, int(face_id))
+                    done += 1
+        return done
+
+    # -- the change feed ------------------------------------------------------------------------
+
+    def changes_since(self, seq: int, limit: int = 1000) -> list[Change]:
+        rows = self._read("SELECT seq, op, identity_id, face_id, at FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
+                          (seq, limit))
+        return [Change(int(r[0]), r[1], r[2], None if r[3] is None else int(r[3]), r[4]) for r in rows]
+
+    def last_seq(self) -> int:
+        return int(self._read("SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0])
+
+    # -- API keys -------------------------------------------------------------------------------
+
+    def add_key(self, key_id: str, key_hash: str, name: str, scopes: Sequence[str]) -> ApiKey:
+        now = utc_now()
+        try:
+            with self._transaction() as db:
+                self._run(db, "INSERT INTO api_keys (id, hash, name, scopes, created) VALUES (?, ?, ?, ?, ?)",
+                          (key_id, key_hash, name, json.dumps(list(scopes)), now))
+        except self.unique_violation:
+            raise Conflict(f"an API key with id {key_id!r} already exists", code="duplicate_api_key") from None
+        return ApiKey(key_id, name, tuple(scopes), now, None)
+
+    def find_key(self, key_id: str) -> tuple[ApiKey, str] | None:
+        rows = self._read("SELECT id, name, scopes, created, revoked, hash FROM api_keys WHERE id = ?", (key_id,))
+        return (_key(rows[0][:5]), rows[0][5]) if rows else None
+
+    def list_keys(self) -> list[ApiKey]:
+        return [_key(r) for r in self._read(_KEY + " ORDER BY created")]
+
+    def revoke_key(self, key_id: str) -> ApiKey:
+        with self._transaction() as db:
+            revoked = self._run(db, "UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL",
+                                (utc_now(), key_id)).rowcount
+            if not revoked and self._run(db, "SELECT 1 FROM api_keys WHERE id = ?", (key_id,)).fetchone() is None:
+                raise NotFound(f"no API key {key_id!r}", code="unknown_api_key")
+        found = self.find_key(key_id)
+        assert found is not None
+        return found[0]
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        self._read("SELECT 1")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,73 @@
+"""The default gallery store: one SQLite file, for one gateway process.
+
+WAL mode with ``synchronous=FULL``: a write the caller saw acknowledged is on disk, and survives a
+crash of the process (kill -9) or of the machine. Faces get ``INTEGER PRIMARY KEY AUTOINCREMENT``
+ids, which SQLite never reuses. Each write is one ``BEGIN IMMEDIATE`` transaction: it takes SQLite's
+write lock at once, so writers (other processes included, e.g. ``cdface gallery reembed``) queue
+instead of failing half-way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from cdface.serving.store.sql import SqlStore
+
+POLL_S = 0.1  # how often wait_for_change reads the change log
+
+
+class SQLiteStore(SqlStore):
+    """One SQLite file, WAL, FULL sync, one connection shared under a lock."""
+
+    serial_key = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    blob = "BLOB"
+    int64 = "INTEGER"
+    unique_violation = sqlite3.IntegrityError
+    driver_error = sqlite3.DatabaseError
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__()
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # acknowledged = on disk, even across power loss
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=30000")
+        return db
+
+    @contextlib.contextmanager
+    def _begin(self, db: sqlite3.Connection, lock: str) -> Iterator[None]:
+        db.execute("BEGIN IMMEDIATE")  # SQLite's one write lock serves every ``lock``
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _insert(self, db: sqlite3.Connection, sql: str, args: tuple, key: str) -> int:
+        return int(self._run(db, sql, args).lastrowid)  # ``key`` is the rowid: INTEGER PRIMARY KEY
+
+    def _in(self, column: str, values: Sequence[Any]) -> tuple[str, tuple]:
+        return f"{column} IN ({', '.join('?' * len(values))})", tuple(values)
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """Poll the change log (SQLite has no notifications); True as soon as it grew."""
+        seen, deadline = self.last_seq(), time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(POLL_S, left))
+            if self.last_seq() != seen:
+                return True
+        return False

@@ -1,0 +1,84 @@
+"""The identity gallery: identities, and the faces enrolled for them.
+
+Writes that touch faces go through the gallery (store first, then the index; see
+``cdface.serving.gallery``); the rest reads and writes the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from anyio import to_thread
+
+from cdface.core.imaging import encode_png
+from cdface.serving.store import Face, Identity
+from cdface.serving.usecases.images import ImageIn, embed_faces, find_faces
+
+if TYPE_CHECKING:
+    from cdface.serving.service import FaceService
+
+
+@dataclass(frozen=True)
+class IdentityDetail:
+    identity: Identity
+    faces_needing_reenrolment: int  # faces made by another model than the served one
+
+
+@dataclass(frozen=True)
+class IdentityPage:
+    items: list[Identity]
+    next_cursor: str | None  # the id to list after for the next page; None on the last page
+
+
+def create_identity(service: FaceService, external_id: str | None, name: str | None,
+                    metadata: dict[str, Any]) -> IdentityDetail:
+    return IdentityDetail(service.store.create_identity(external_id, name, metadata), 0)
+
+
+def list_identities(service: FaceService, limit: int, cursor: str | None) -> IdentityPage:
+    items = service.store.list_identities(limit + 1, cursor)  # one more: is there a next page?
+    page = items[:limit]
+    return IdentityPage(page, page[-1].id if len(items) > limit else None)
+
+
+def get_identity(service: FaceService, identity_id: str) -> IdentityDetail:
+    identity = service.store.get_identity(identity_id)
+    stale = sum(f.model != service.model_key for f in service.store.list_faces(identity_id))
+    return IdentityDetail(identity, stale)
+
+
+def update_identity(service: FaceService, identity_id: str, changes: dict[str, Any]) -> Identity:
+    """Apply ``changes`` (external_id, name, metadata); None clears a field."""
+    if "metadata" in changes and changes["metadata"] is None:
+        changes = {**changes, "metadata": {}}  # null clears it, like name and external_id
+    return service.store.update_identity(identity_id, changes)
+
+
+def delete_identity(service: FaceService, identity_id: str) -> None:
+    """Delete the identity and all its faces; erased from search before this returns."""
+    service.gallery.delete_identity(identity_id)
+
+
+async def enroll(service: FaceService, identity_id: str, images: list[ImageIn], retain_crop: bool | None) -> list[Face]:
+    """Enroll the faces found in ``images`` in one transaction; searchable before this returns."""
+    await to_thread.run_sync(service.store.get_identity, identity_id)  # 404 before any inference
+    found = await find_faces(service, images)
+    vectors = await embed_faces(service.embedder, found)
+    retain = service.settings.retain_crops if retain_crop is None else retain_crop
+
+    def store() -> list[Face]:
+        crops = [encode_png(f.face.crop) if retain else None for f in found]
+        return service.gallery.enroll(identity_id, vectors, crops, [f.face.box for f in found],
+                                      [f.face.quality for f in found])
+
+    return await to_thread.run_sync(store)
+
+
+def list_faces(service: FaceService, identity_id: str) -> list[Face]:
+    return service.store.list_faces(identity_id)
+
+
+def delete_face(service: FaceService, identity_id: str, face_id: int) -> None:
+    """Delete one face; erased from search before this returns."""
+    service.gallery.delete_face(identity_id, face_id)

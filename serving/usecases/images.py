@@ -1,0 +1,89 @@
+"""From the images of a request to L2-normalised embeddings: decode, find and align the faces, embed them.
+
+Blocking work (base64, decoding, detection) runs in a worker thread; the Triton call is async. All
+faces of one request go to Triton as one batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+from anyio import to_thread
+
+from cdface.core.contract import INPUT_SIZE
+from cdface.core.imaging import ImageError, decode_image
+from cdface.serving.errors import InvalidRequest
+from cdface.serving.faces import FaceCrop, FaceMode, extract_faces
+from cdface.serving.triton import TritonEmbedder
+
+if TYPE_CHECKING:
+    from cdface.serving.service import FaceService
+
+
+@dataclass(frozen=True)
+class ImageIn:
+    """One image of a request and how to find the face in it."""
+
+    data: bytes | str  # the file's bytes, or base64 text (JSON bodies)
+    mode: FaceMode = "detect"
+    landmarks: list[list[float]] | None = None
+    min_face_size: float = 0.0
+    min_score: float = 0.0
+
+
+@dataclass(frozen=True)
+class FoundFace:
+    image: int  # index of the image in the request
+    face: FaceCrop
+
+
+def _from_base64(text: str, what: str, limit: int) -> bytes:
+    if len(text) > (limit * 4) // 3 + 8:
+        raise ImageError("image_too_large", f"the {what} is over {limit} bytes")
+    cleaned = "".join(text.split())
+    if "," in cleaned[:64] and cleaned.startswith("data:"):
+        cleaned = cleaned.split(",", 1)[1]  # a data: URL
+    try:
+        return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("invalid_base64", f"the {what} is not valid base64") from None
+
+
+async def find_faces(service: FaceService, images: Sequence[ImageIn]) -> list[FoundFace]:
+    """The faces of every image, in image order (``ImageError`` names the first image that fails)."""
+    settings = service.settings
+    if len(images) > settings.max_images:
+        raise InvalidRequest(f"{len(images)} images in one request; the limit is {settings.max_images}",
+                             code="too_many_images")
+
+    def work() -> list[FoundFace]:
+        out = []
+        for i, image in enumerate(images):
+            what = f"image {i}"
+            data = _from_base64(image.data, what, settings.max_image_bytes) if isinstance(image.data, str) \
+                else image.data
+            rgb = decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+                               what=what)
+            crops = extract_faces(rgb, image.mode, detector=service.detector, landmarks=image.landmarks,
+                                  max_faces=settings.max_faces_per_image, min_face_size=image.min_face_size,
+                                  min_score=image.min_score)
+            out += [FoundFace(i, crop) for crop in crops]
+        return out
+
+    return await to_thread.run_sync(work)
+
+
+async def embed_crops(embedder: TritonEmbedder, crops: np.ndarray) -> np.ndarray:
+    """uint8 [N, 112, 112, 3] -> float32 [N, D], each row of length 1."""
+    vectors = await embedder.embed(crops)
+    # The contract says L2-normalised; renormalise anyway so cosine == inner product holds exactly.
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+async def embed_faces(embedder: TritonEmbedder, faces: Sequence[FoundFace]) -> np.ndarray:
+    crops = np.stack([f.face.crop for f in faces]) if faces else np.zeros((0, INPUT_SIZE, INPUT_SIZE, 3), np.uint8)
+    return await embed_crops(embedder, crops)
