@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import io
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cdface.core.atomic import atomic_write_bytes
@@ -50,6 +52,37 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         if key not in state:
             raise CdfaceError(f"checkpoint {path} has no {key!r} entry")
     return state
+
+
+def check_compatible(state: dict[str, Any], path: str | os.PathLike, backbone: dict, num_classes: int,
+                     num_samples: int) -> None:
+    """Refuse a checkpoint of another backbone, or of a dataset with other identities or samples."""
+    if state["backbone"] != backbone:
+        raise CdfaceError(f"checkpoint {path} holds backbone {state['backbone']}, the configuration asks for "
+                          f"{backbone}")
+    classes = state.get("num_classes")
+    if classes is not None and classes != num_classes:
+        raise CdfaceError(f"checkpoint {path} was trained on {classes} identities, the dataset has {num_classes}")
+    bank = state.get("bank")
+    if bank is not None and bank["scores"].numel() != num_samples:
+        raise CdfaceError(f"checkpoint {path} has a score bank of {bank['scores'].numel()} samples, "
+                          f"the dataset has {num_samples}")
+
+
+def rng_state() -> dict:
+    """Every random generator training draws from, for the ``rng`` entry: a resumed run continues their streams."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def build_backbone_from(state: dict[str, Any], path: str | os.PathLike = "<checkpoint>") -> torch.nn.Module:

@@ -31,6 +31,7 @@ class ScoreBank:
         # Value at the last synchronisation: ranks exchange only what changed since then.
         self._synced = self.scores.clone()
         self._synced_updates = self.updates.clone()
+        self.version = 0  # counts writes: whoever mined ahead can tell the bank has not moved since
 
     def __len__(self) -> int:
         return self.scores.numel()
@@ -41,6 +42,7 @@ class ScoreBank:
         cos = target_cos.detach().float().cpu()
         self.scores[indices] = self.alpha * self.scores[indices] + (1.0 - self.alpha) * cos
         self.updates[indices] += 1
+        self.version += 1
 
     def threshold(self, quantile: float) -> float:
         """The ``quantile`` score of the whole bank (kthvalue: exact, and no size limit as torch.quantile has)."""
@@ -64,8 +66,12 @@ class ScoreBank:
             dist.all_reduce(count)
             self.scores = self._synced + delta.cpu()
             self.updates = self._synced_updates + count.cpu()
+        self._mark_synced()
+
+    def _mark_synced(self) -> None:
         self._synced = self.scores.clone()
         self._synced_updates = self.updates.clone()
+        self.version += 1
 
     def state_dict(self) -> dict:
         return {"scores": self.scores.clone(), "updates": self.updates.clone(), "alpha": self.alpha}
@@ -76,8 +82,7 @@ class ScoreBank:
         self.scores = state["scores"].clone().float()
         self.updates = state["updates"].clone()
         self.alpha = state.get("alpha", self.alpha)
-        self._synced = self.scores.clone()
-        self._synced_updates = self.updates.clone()
+        self._mark_synced()
 
 
 @dataclass

@@ -10,20 +10,20 @@ batch, and the closeness and diversity losses are added:
     L = L_erb + lambda1 * L_closeness + lambda2 * L_diversity
 
 One forward and one backward per step, whatever the branch: DDP then needs no unused-parameter
-search, and the RRB costs only its extra images.
+search, and the RRB costs only its extra images. Those are mined and decoded on a background
+thread while the step before computes, wherever that gives exactly what mining at the step's own
+start would (``mined_images``). The RRB's loss is ``method``'s; logging, evaluation and
+checkpoints are ``callbacks``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
@@ -31,13 +31,16 @@ from torch.nn.parallel import DistributedDataParallel
 from cdface.core.errors import CdfaceError
 from cdface.training import distributed
 from cdface.training.backbones import create_backbone
-from cdface.training.checkpoint import load_checkpoint, save_checkpoint
+from cdface.training.callbacks import Checkpointing, Evaluation, MetricsLogging
+from cdface.training.checkpoint import check_compatible, load_checkpoint, rng_state, set_rng_state
 from cdface.training.config import TrainConfig
-from cdface.training.data.dataset import EpochBatchSampler, FaceDataset, open_dataset
+from cdface.training.data.dataset import EpochBatchSampler, open_dataset
+from cdface.training.data.loader import Lookahead, training_loader
 from cdface.training.heads import create_head
-from cdface.training.losses import closeness_loss, diversity_loss
-from cdface.training.metrics import MetricsLog
-from cdface.training.mining import MinedBatch, ScoreBank, SoftMiner, identities_per_rank
+from cdface.training.method import RefinedBranchLoss
+from cdface.training.mined_images import MinedImageLoader
+from cdface.training.mining import ScoreBank, SoftMiner, identities_per_rank
+from cdface.training.optim import lr_factor, parameter_groups
 from cdface.training.preprocess import to_model_input
 
 log = logging.getLogger("cdface.train")
@@ -72,65 +75,6 @@ def backbone_spec(cfg: TrainConfig) -> dict:
     return {"name": m.backbone, "kwargs": {"width": m.width, "embedding_size": m.embedding_size, "dropout": m.dropout}}
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Batch-norm parameters get no weight decay (it would only fight their scale invariance)."""
-    bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
-    bn_params = {id(p) for m in model.modules() if isinstance(m, bn_types) for p in m.parameters(recurse=False)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if id(p) in bn_params else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    o, epochs = cfg.optim, cfg.epochs
-
-    def factor(step: int) -> float:
-        epoch = step / steps_per_epoch
-        if epoch < o.warmup_epochs:
-            return (step + 1) / (o.warmup_epochs * steps_per_epoch)
-        if o.schedule == "cosine":
-            span = max(epochs - o.warmup_epochs, 1e-8)
-            return 0.5 * (1.0 + math.cos(math.pi * min((epoch - o.warmup_epochs) / span, 1.0)))
-        return o.gamma ** sum(epoch >= m for m in o.milestones)
-
-    return factor
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def collate(batch: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    images, labels, indices = zip(*batch)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long), torch.tensor(indices, dtype=torch.long)
-
-
-def _check_compatible(state: dict, cfg: TrainConfig, dataset: FaceDataset, path: str) -> None:
-    if state["backbone"] != backbone_spec(cfg):
-        raise CdfaceError(f"checkpoint {path} holds backbone {state['backbone']}, the configuration asks for "
-                          f"{backbone_spec(cfg)}")
-    classes = state.get("num_classes")
-    if classes is not None and classes != dataset.num_classes:
-        raise CdfaceError(f"checkpoint {path} was trained on {classes} identities, the dataset has {dataset.num_classes}")
-    bank = state.get("bank")
-    if bank is not None and bank["scores"].numel() != len(dataset):
-        raise CdfaceError(f"checkpoint {path} has a score bank of {bank['scores'].numel()} samples, "
-                          f"the dataset has {len(dataset)}")
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: distributed.DistEnv):
         self.cfg, self.env = cfg, env
@@ -144,7 +88,7 @@ class Trainer:
                               f"{env.world_size} ranks")
         self.joint = run.stage == "joint"
         self.output = Path(run.output)
-        self.checkpoint_dir = self.output / "checkpoints"
+        self.last_checkpoint = self.output / "checkpoints" / "last.pt"  # for resuming
 
         self.dataset = open_dataset(cfg.data.path)
         if self.joint and method.identities > self.dataset.num_classes:
@@ -168,8 +112,8 @@ class Trainer:
                               "strided 1x1 convolution in that layout")
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ddp = (DistributedDataParallel(self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-                    if env.distributed else self.model)
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids) if env.distributed else self.model
 
         self.optimizer = torch.optim.SGD(parameter_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                          momentum=cfg.optim.momentum)
@@ -180,8 +124,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=run.amp == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.amp)
         self.bank = ScoreBank(len(self.dataset), alpha=method.ema_alpha)
-        self.miner = SoftMiner(self.dataset.labels, self.local_identities, method.num_easy, method.num_hard,
-                               method.quantile, method.widen_step, seed=run.seed)
+        miner = SoftMiner(self.dataset.labels, self.local_identities, method.num_easy, method.num_hard,
+                          method.quantile, method.widen_step, seed=run.seed)
+        self.mined_images = MinedImageLoader(miner, self.dataset, env.rank)
+        self.refined_loss = RefinedBranchLoss.from_config(method)
         self.step = 0  # global optimisation steps taken
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -205,10 +151,10 @@ class Trainer:
         return state
 
     def resume_or_init(self) -> None:
-        last = self.checkpoint_dir / "last.pt"
+        last = self.last_checkpoint
         if self.cfg.run.resume and last.is_file():
             state = load_checkpoint(last)
-            _check_compatible(state, self.cfg, self.dataset, str(last))
+            self._check_compatible(state, str(last))
             if state["progress"]["stage"] != self.cfg.run.stage:
                 raise CdfaceError(f"{last} belongs to the {state['progress']['stage']} stage; use another "
                                   f"run.output for the {self.cfg.run.stage} stage")
@@ -224,7 +170,7 @@ class Trainer:
                          self.batch_in_epoch)
         elif self.cfg.run.init_from:
             state = load_checkpoint(self.cfg.run.init_from)
-            _check_compatible(state, self.cfg, self.dataset, self.cfg.run.init_from)
+            self._check_compatible(state, self.cfg.run.init_from)
             if "head" not in state or "bank" not in state:
                 raise CdfaceError(f"{self.cfg.run.init_from} has no head or score bank: not a training checkpoint")
             self._load_weights(state)
@@ -234,28 +180,27 @@ class Trainer:
             log.warning("joint stage without run.init_from: difficulty scores start at zero, so mining is "
                         "uninformed until the bank fills; the method expects a pretrain stage first")
 
+    def _check_compatible(self, state: dict, path: str) -> None:
+        check_compatible(state, path, backbone_spec(self.cfg), self.dataset.num_classes, len(self.dataset))
+
     def _load_weights(self, state: dict) -> None:
         self.model.backbone.load_state_dict(state["model"])
         self.model.head.load_state_dict(state["head"])
         self.bank.load_state_dict(state["bank"])
 
-    def save(self) -> Path:
-        self.bank.sync()  # every rank holds the same bank; rank 0 writes it
-        path = self.checkpoint_dir / "last.pt"
-        if self.env.is_main:
-            save_checkpoint(path, self.state())
-        distributed.barrier()
-        return path
-
     # -- one step ----------------------------------------------------------------------------
-    def mine(self, labels: torch.Tensor) -> MinedBatch:
-        return self.miner.mine(self.bank, labels, step=self.step, rank=self.env.rank)
+    def mines_at(self, step: int) -> bool:
+        return self.joint and step % self.cfg.method.interval == 0
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
-        method, device = self.cfg.method, self.env.device
-        mined = self.mine(labels) if self.joint and self.step % method.interval == 0 else None
-        if mined is not None:
-            images = torch.cat([images, self.dataset.load_images(mined.sample_indices.tolist())])
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                   next_labels: Optional[torch.Tensor] = None) -> dict[str, float]:
+        """One optimisation step. ``next_labels``, the following batch's labels, lets that step's
+        mining start in the background as soon as this step's scores are in the bank."""
+        device = self.env.device
+        mined = None
+        if self.mines_at(self.step):
+            mined, mined_images = self.mined_images.take(self.bank, labels, self.step)
+            images = torch.cat([images, mined_images])
         x = to_model_input(images.to(device, non_blocking=True))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -267,19 +212,17 @@ class Trainer:
         loss = loss_erb
         values = {"loss_erb": float(loss_erb.detach())}
         if mined is not None:
-            k = mined.identities.numel()
-            per_identity = rrb_embeddings.float().view(k, method.num_easy + method.num_hard, -1)
-            easy = per_identity[:, : method.num_easy]
-            hard = per_identity[:, method.num_easy:].reshape(k * method.num_hard, -1)
-            # Hard negative prototypes of each identity: the ERB's top-NP for one of its batch
-            # samples. The class centres are the ERB's to move; the RRB only moves the embedding.
-            negatives = hard_negatives[mined.batch_positions.to(device)]
-            prototypes = self.model.head.weight.detach()[negatives].repeat_interleave(method.num_hard, dim=0)
-            loss_close = closeness_loss(easy)
-            loss_div = diversity_loss(hard, prototypes, scale=method.diversity_scale)
-            loss = loss + method.lambda_closeness * loss_close + method.lambda_diversity * loss_div
-            values.update(loss_closeness=float(loss_close.detach()), loss_diversity=float(loss_div.detach()),
-                          mining_threshold=mined.threshold)
+            loss, rrb_values = self.refined_loss(loss_erb, mined, rrb_embeddings, hard_negatives,
+                                                 class_centres=self.model.head.weight)
+            values.update(rrb_values)
+
+        # The bank the next step mines from is final once this step's scores are in (and the ranks
+        # synchronised, when due): write it before the backward, so that mining runs alongside.
+        self.bank.update(indices, target_cos)
+        if (self.step + 1) % self.cfg.method.bank_sync_every == 0:
+            self.bank.sync()
+        if next_labels is not None and self.mines_at(self.step + 1):
+            self.mined_images.start(self.bank, next_labels, self.step + 1)
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -289,10 +232,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.bank.update(indices, target_cos)
         self.step += 1
-        if self.step % method.bank_sync_every == 0:
-            self.bank.sync()
         if not math.isfinite(values["loss_erb"]):
             raise CdfaceError(f"loss became {values['loss_erb']} at step {self.step}; lower optim.lr or use bf16 "
                               f"instead of fp16")
@@ -301,15 +241,8 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def loader(self) -> torch.utils.data.DataLoader:
-        workers = self.cfg.data.workers
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
-            pin_memory=self.env.device.type == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
-            # Its own generator: creating an epoch's iterator must not consume the global RNG,
-            # or a resumed run would draw different dropout masks than an uninterrupted one.
-            generator=torch.Generator().manual_seed(self.cfg.run.seed),
-        )
+        return training_loader(self.dataset, self.sampler, self.cfg.data.workers,
+                               pin_memory=self.env.device.type == "cuda", seed=self.cfg.run.seed)
 
     def fit(self, evaluate: Optional[Callable[[nn.Module], dict]] = None) -> TrainResult:
         cfg, env = self.cfg, self.env
@@ -317,77 +250,46 @@ class Trainer:
         total = self.steps_per_epoch * self.cfg.epochs
         if cfg.run.max_steps:
             total = min(total, cfg.run.max_steps)
-        metrics = MetricsLog(self.output, tensorboard=cfg.run.tensorboard) if env.is_main else None
-        bar = None
-        if env.is_main and cfg.run.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
-                       desc=f"{cfg.run.stage} {cfg.model.backbone}")
-        evaluation: dict = {}
+        metrics_logging = MetricsLogging(cfg.run, env.is_main, total, self.step,
+                                         description=f"{cfg.run.stage} {cfg.model.backbone}")
+        evaluation = Evaluation(evaluate, self.model, env.is_main, cfg.run.eval_every_epochs, metrics_logging.metrics)
+        checkpointing = Checkpointing(self, total)
         loader = self.loader()
-        window_start, window_images, window = time.perf_counter(), 0, {}
         try:
             while self.step < total and self.epoch < cfg.epochs:
                 self.sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
                 self.model.train()
-                for images, labels, indices in loader:
-                    for key, value in self.train_step(images, labels, indices).items():
-                        total_, count_ = window.get(key, (0.0, 0))
-                        window[key] = (total_ + value, count_ + 1)
+                batches = Lookahead(loader)
+                for images, labels, indices in batches:
+                    next_labels = self._labels_to_mine_ahead(batches, checkpointing)
+                    values = self.train_step(images, labels, indices, next_labels)
                     self.batch_in_epoch += 1
-                    window_images += images.shape[0] * env.world_size
                     if self.batch_in_epoch == self.steps_per_epoch:
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    if self.step % cfg.run.log_every == 0 or self.step == total:
-                        # Means over the window: RRB losses exist only on every interval-th step.
-                        elapsed = time.perf_counter() - window_start
-                        values = {key: total_ / count_ for key, (total_, count_) in window.items()}
-                        values.update(lr=self.scheduler.get_last_lr()[0], epoch=self.epoch,
-                                      images_per_s=window_images / max(elapsed, 1e-9))
-                        window_start, window_images, window = time.perf_counter(), 0, {}
-                        if metrics:
-                            metrics.log(self.step, values)
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{values['images_per_s']:.0f}")
-                    if bar is not None:
-                        bar.update(1)
                     epoch_done = self.batch_in_epoch == 0
-                    if self.step % cfg.run.checkpoint_every == 0 or epoch_done or self.step >= total:
-                        self.save()
-                    if epoch_done and evaluate and self.epoch % cfg.run.eval_every_epochs == 0:
-                        evaluation = self._evaluate(evaluate, metrics)
+                    metrics_logging.on_step_end(self.step, values, images.shape[0] * env.world_size,
+                                                lr=self.scheduler.get_last_lr()[0], epoch=self.epoch)
+                    checkpointing.on_step_end(self.step, epoch_done)
+                    if epoch_done:
+                        evaluation.on_epoch_end(self.epoch, self.step)
                     if self.step >= total:
                         break
-            checkpoint = self.save()
-            if evaluate and not evaluation:
-                evaluation = self._evaluate(evaluate, metrics)
-            if env.is_main:
-                final = self.state(full=False)
-                final["evaluation"] = evaluation
-                save_checkpoint(self.output / "model.pt", final)
-            # Every rank leaves together: a rank tearing down its process group while rank 0 (which
-            # hosts the rendezvous store) is still writing can abort in gloo's threads.
-            distributed.barrier()
+            checkpoint = checkpointing.save_last()
+            checkpointing.on_train_end(evaluation.on_train_end(self.step))
         finally:
-            if bar is not None:
-                bar.close()
-            if metrics:
-                metrics.close()
+            metrics_logging.close()
+            self.mined_images.close()
         return TrainResult(output=self.output, steps=self.step, checkpoint=checkpoint, bank=self.bank.scores.clone(),
-                           evaluation=evaluation)
+                           evaluation=evaluation.report)
 
-    def _evaluate(self, evaluate: Callable[[nn.Module], dict], metrics: Optional[MetricsLog]) -> dict:
-        if not self.env.is_main:
-            return {}
-        self.model.eval()
-        report = evaluate(self.model.backbone)
-        self.model.train()
-        if metrics:
-            flat = {f"{r['dataset']}/{r['metric']}": r["value"] for r in report.get("results", [])
-                    if isinstance(r.get("value"), (int, float))}
-            metrics.log(self.step, flat, kind="eval")
-        return report
+    def _labels_to_mine_ahead(self, batches: Lookahead, checkpointing: Checkpointing) -> Optional[torch.Tensor]:
+        """The next batch's labels if its step mines and may mine during this one: not across a
+        checkpoint, whose save synchronises the bank that the next step must mine from."""
+        following, ends_epoch = self.step + 1, self.batch_in_epoch + 1 == self.steps_per_epoch
+        if not self.mines_at(following) or checkpointing.due(following, ends_epoch):
+            return None
+        upcoming = batches.peek()
+        return None if upcoming is None else upcoming[1]
 
 
 def train(cfg: TrainConfig, evaluate: Optional[Callable[[nn.Module], dict]] = None) -> TrainResult:

@@ -1,0 +1,36 @@
+"""The optimiser's parameter groups and the learning-rate schedule (a factor of optim.lr per step)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch.nn as nn
+
+from cdface.training.config import TrainConfig
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Batch-norm parameters get no weight decay (it would only fight their scale invariance)."""
+    bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
+    bn_params = {id(p) for m in model.modules() if isinstance(m, bn_types) for p in m.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if id(p) in bn_params else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    o, epochs = cfg.optim, cfg.epochs
+
+    def factor(step: int) -> float:
+        epoch = step / steps_per_epoch
+        if epoch < o.warmup_epochs:
+            return (step + 1) / (o.warmup_epochs * steps_per_epoch)
+        if o.schedule == "cosine":
+            span = max(epochs - o.warmup_epochs, 1e-8)
+            return 0.5 * (1.0 + math.cos(math.pi * min((epoch - o.warmup_epochs) / span, 1.0)))
+        return o.gamma ** sum(epoch >= m for m in o.milestones)
+
+    return factor
