@@ -104,8 +104,8 @@ def main() -> None:
     import httpx
 
     from cdface.core import assets
-    from cdface.export.triton_repo import add_model_version
     from cdface.devtools.triton_local import TritonServer, free_port
+    from cdface.export.triton_repo import add_model_version
     from cdface.export.wrap import wrap_onnx
 
     with tempfile.TemporaryDirectory(prefix="cdface-bench-") as tmp:

@@ -13,15 +13,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
-import tomllib
 import venv
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import tomllib
 
 from tests.triton_fixtures import MODEL
 

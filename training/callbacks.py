@@ -19,7 +19,7 @@ from cdface.training.config import RunConfig
 from cdface.training.metrics import MetricsLog
 
 if TYPE_CHECKING:
-    from cdface.training.trainer import Trainer
+    from cdface.training.trainer import FaceModel, Trainer
 
 
 class MetricsLogging:
@@ -38,7 +38,8 @@ class MetricsLogging:
         self._new_window()
 
     def _new_window(self) -> None:
-        self._window_start, self._window_images, self._window = time.perf_counter(), 0, {}
+        self._window_start, self._window_images = time.perf_counter(), 0
+        self._window: dict[str, tuple[float, int]] = {}  # name -> (sum, count) since the last log line
 
     def on_step_end(self, step: int, values: dict[str, float], images: int, lr: float, epoch: int) -> None:
         """``images``: how many the step trained on over all ranks."""
@@ -70,7 +71,7 @@ class Evaluation:
     """``evaluate(backbone)`` every ``every_epochs`` epochs, and at the end unless it has run already;
     main rank only. Its figures go to the metrics log as kind "eval"."""
 
-    def __init__(self, evaluate: Optional[Callable[[nn.Module], dict]], model: nn.Module, is_main: bool,
+    def __init__(self, evaluate: Optional[Callable[[nn.Module], dict]], model: FaceModel, is_main: bool,
                  every_epochs: int, metrics: Optional[MetricsLog]):
         self.evaluate, self.model, self.is_main = evaluate, model, is_main
         self.every_epochs, self.metrics = every_epochs, metrics
@@ -86,7 +87,7 @@ class Evaluation:
         return self.report
 
     def _run(self, step: int) -> dict:
-        if not self.is_main:
+        if not self.is_main or self.evaluate is None:
             return {}
         self.model.eval()
         report = self.evaluate(self.model.backbone)

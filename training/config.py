@@ -66,7 +66,7 @@ class OptimConfig(Section):
     batch_size: int = Field(512, ge=1, description="global batch over all ranks")
     epochs: int = Field(24, ge=1)
     schedule: Literal["step", "cosine"] = "step"
-    milestones: list[float] = Field(default_factory=lambda: [10, 18, 22])
+    milestones: list[float] = Field(default_factory=lambda: [10.0, 18.0, 22.0])
     gamma: float = Field(0.1, gt=0)
     warmup_epochs: float = Field(0.0, ge=0)
     grad_clip: float = Field(5.0, ge=0, description="max gradient norm; 0 disables clipping")

@@ -14,7 +14,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Batch-norm parameters get no weight decay (it would only fight their scale invariance)."""
     bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
     bn_params = {id(p) for m in model.modules() if isinstance(m, bn_types) for p in m.parameters(recurse=False)}
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if id(p) in bn_params else decay).append(p)

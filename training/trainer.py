@@ -36,7 +36,7 @@ from cdface.training.checkpoint import check_compatible, load_checkpoint, rng_st
 from cdface.training.config import TrainConfig
 from cdface.training.data.dataset import EpochBatchSampler, open_dataset
 from cdface.training.data.loader import Lookahead, training_loader
-from cdface.training.heads import create_head
+from cdface.training.heads import MarginHead, create_head
 from cdface.training.method import RefinedBranchLoss
 from cdface.training.mined_images import MinedImageLoader
 from cdface.training.mining import ScoreBank, SoftMiner, identities_per_rank
@@ -49,7 +49,7 @@ log = logging.getLogger("cdface.train")
 class FaceModel(nn.Module):
     """Backbone + margin head: the module DDP wraps."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: MarginHead):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -111,7 +111,7 @@ class Trainer:
             raise CdfaceError("run.channels_last is for CUDA: on CPU, torch 2.13 crashes in the backward of a "
                               "strided 1x1 convolution in that layout")
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack it
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         self.ddp = DistributedDataParallel(self.model, device_ids=device_ids) if env.distributed else self.model
 
@@ -268,7 +268,7 @@ class Trainer:
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     epoch_done = self.batch_in_epoch == 0
                     metrics_logging.on_step_end(self.step, values, images.shape[0] * env.world_size,
-                                                lr=self.scheduler.get_last_lr()[0], epoch=self.epoch)
+                                                lr=float(self.scheduler.get_last_lr()[0]), epoch=self.epoch)
                     checkpointing.on_step_end(self.step, epoch_done)
                     if epoch_done:
                         evaluation.on_epoch_end(self.epoch, self.step)

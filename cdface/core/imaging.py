@@ -62,10 +62,10 @@ def decode_image(data: bytes, *, max_bytes: int | None = None, max_pixels: int |
                              f"{MIN_SIDE} pixels a side")
         try:
             img.load()
-            img = ImageOps.exif_transpose(img) or img
-            if size is not None and img.size != (size, size):
-                img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            return _to_rgb(img)
+            upright: Image.Image = ImageOps.exif_transpose(img) or img
+            if size is not None and upright.size != (size, size):
+                upright = upright.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            return _to_rgb(upright)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError("image_too_many_pixels", f"the {what} declares too many pixels") from None
         except (OSError, SyntaxError, ValueError, TypeError, MemoryError, EOFError) as exc:

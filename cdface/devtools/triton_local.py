@@ -282,7 +282,7 @@ class TritonServer:
             self._log_file.close()
             self._log_file = None
 
-    def logfile_tail(self, lines: int = 20) -> str:
+    def log_tail(self, lines: int = 20) -> str:
         return file_tail(self.log_path, lines) if self.log_path else ""
 
     def __enter__(self) -> "TritonServer":

@@ -16,7 +16,6 @@ import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
 from cdface.core.errors import CdfaceError
-
 from tests.triton_fixtures import MODEL
 
 pytestmark = pytest.mark.slow

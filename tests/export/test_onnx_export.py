@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cdface.core.errors import CdfaceError
 from cdface.core.digest import sha256_file
+from cdface.core.errors import CdfaceError
 from cdface.core.manifest import config_digest, read_manifest, verify_onnx_hash
 from cdface.export.onnx_export import PARITY_MIN_COSINE, export_checkpoint
 from cdface.training.backbones import create_backbone

@@ -15,8 +15,8 @@ import onnxruntime as ort
 import pytest
 
 from cdface.core import assets
-from cdface.core.errors import CdfaceError
 from cdface.core.alignment import ARCFACE_TEMPLATE, align_face, similarity_transform
+from cdface.core.errors import CdfaceError
 from cdface.core.manifest import read_manifest, verify_onnx_hash
 from cdface.export.wrap import wrap_onnx
 

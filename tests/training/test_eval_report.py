@@ -14,7 +14,7 @@ from cdface.training.evaluation.embedders import TorchEmbedder
 from cdface.training.evaluation.pairs import evaluate_pairs, read_pairs_csv
 from cdface.training.evaluation.rank import evaluate_rank, true_match_ranks
 from cdface.training.evaluation.report import build_report, read_report, write_report
-from cdface.training.evaluation.roc import tar_at_far, tar_at_far_summary, scores_by_label
+from cdface.training.evaluation.roc import scores_by_label, tar_at_far, tar_at_far_summary
 from cdface.training.evaluation.verification import verification_accuracy
 
 

@@ -16,10 +16,10 @@ import torch.multiprocessing as mp
 import yaml
 
 from cdface.core.errors import CdfaceError
-from tests.training.trainer_support import ddp_worker, write_tiny_folder_dataset
 from cdface.training.checkpoint import load_checkpoint
 from cdface.training.config import load_config
 from cdface.training.trainer import train
+from tests.training.trainer_support import ddp_worker, write_tiny_folder_dataset
 
 CDFACE = [sys.executable, "-m", "cdface.cli"]
 

@@ -70,7 +70,8 @@ class IResNet(nn.Module):
             raise ValueError("width must be positive")
         channels = [max(int(round(c * width)), 4) for c in STAGE_CHANNELS]
         self.embedding_size = embedding_size
-        self.stem = nn.Sequential(_conv3x3(3, channels[0]), nn.BatchNorm2d(channels[0], eps=1e-5), nn.PReLU(channels[0]))
+        self.stem = nn.Sequential(_conv3x3(3, channels[0]), nn.BatchNorm2d(channels[0], eps=1e-5),
+                                  nn.PReLU(channels[0]))
         stages, cin = [], channels[0]
         for depth, cout in zip(depths, channels):
             blocks = [IBasicBlock(cin, cout, 2, se)] + [IBasicBlock(cout, cout, 1, se) for _ in range(depth - 1)]

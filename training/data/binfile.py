@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from cdface.core.atomic import atomic_write_bytes
-from cdface.core.errors import CdfaceError
 from cdface.core.contract import INPUT_SIZE
+from cdface.core.errors import CdfaceError
 from cdface.training.data.folder import decode_image
 
 # (module, name) pairs a verification .bin may reference. Python 3 pickles of bytes at protocol
@@ -98,7 +98,8 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
 def write_bin(path: str | os.PathLike, images: list[bytes], issame: list[bool]) -> None:
     """Write a verification ``.bin`` that InsightFace's loaders read unchanged (atomically)."""
     if len(images) != 2 * len(issame):
-        raise CdfaceError(f"a verification .bin needs two images per pair: got {len(images)} images, {len(issame)} pairs.")
+        raise CdfaceError(f"a verification .bin needs two images per pair: got {len(images)} images, "
+                          f"{len(issame)} pairs.")
     for i, image in enumerate(images):
         if not isinstance(image, (bytes, bytearray)):
             raise CdfaceError(f"image {i} for the verification .bin is a {type(image).__name__}, not encoded bytes.")

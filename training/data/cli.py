@@ -28,7 +28,8 @@ def synth_command(
     seed: int = typer.Option(0, "--seed", help="generator seed; same seed, same images"),
     val_identities: int = typer.Option(200, "--val-identities", min=2, help="held-out identities for val.bin"),
     val_pairs: int = typer.Option(1000, "--val-pairs", min=1, help="verification pairs in val.bin (half same)"),
-    difficulty: float = typer.Option(1.0, "--difficulty", min=0.0, help="scales the normal nuisance (pose, light, blur)"),
+    difficulty: float = typer.Option(1.0, "--difficulty", min=0.0,
+                                     help="scales the normal nuisance (pose, light, blur)"),
 ) -> None:
     """Write a synthetic face-identity training set plus a held-out verification set (DIR/val.bin)."""
     from cdface.training.data.synthetic import SyntheticSpec, write_folder, write_recordio, write_verification_bin
@@ -77,7 +78,9 @@ def to_recordio_command(
 
 
 @app.command("info")
-def info_command(path: Path = typer.Argument(..., help="RecordIO dir or .rec, image folder, or verification .bin")) -> None:
+def info_command(
+    path: Path = typer.Argument(..., help="RecordIO dir or .rec, image folder, or verification .bin"),
+) -> None:
     """Describe a dataset: samples, identities, images per identity (or pairs for a .bin)."""
     if path.suffix == ".bin":
         from cdface.training.data.binfile import read_bin

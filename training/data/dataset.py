@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from cdface.core.errors import CdfaceError
 from cdface.core.contract import INPUT_SIZE
+from cdface.core.errors import CdfaceError
 from cdface.training.data.folder import ImageFolder, decode_image, scan_image_folder
 from cdface.training.data.recordio import RecordIOReader, read_layout
 
@@ -118,7 +118,8 @@ class RecordIODataset(FaceDataset):
         if len(not_integer):
             i = int(not_integer[0])
             raise CdfaceError(
-                f"record {int(self.keys[i])} of {self.reader.rec_path} has label {float(raw_labels[i])}, not a class number."
+                f"record {int(self.keys[i])} of {self.reader.rec_path} has label {float(raw_labels[i])}, "
+                "not a class number."
             )
         super().__init__(labels, str(self.reader.rec_path))
 
@@ -152,7 +153,8 @@ def open_dataset(path: str | os.PathLike) -> FaceDataset:
     if path.is_file():
         if path.suffix == ".rec":
             return RecordIODataset(path, path.with_suffix(".idx"))
-        raise CdfaceError(f"dataset {path} is a file but not a .rec; give a .rec, a RecordIO directory or an image folder.")
+        raise CdfaceError(f"dataset {path} is a file but not a .rec; give a .rec, a RecordIO directory or an "
+                          "image folder.")
     if (path / "train.rec").exists() or (path / "train.idx").exists():
         return RecordIODataset(path / "train.rec", path / "train.idx")
     return FolderDataset(path)

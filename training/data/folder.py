@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cdface.core.contract import INPUT_SIZE
 from cdface.core.errors import CdfaceError
 from cdface.core.imaging import ImageError
 from cdface.core.imaging import decode_image as decode_image_bytes
-from cdface.core.contract import INPUT_SIZE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

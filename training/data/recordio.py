@@ -195,7 +195,8 @@ class RecordIOReader:
         fd = self._file()
         frame = os.pread(fd, _FRAME.size, offset)
         if len(frame) < _FRAME.size:
-            raise CdfaceError(f"RecordIO file {self.rec_path} is truncated: record {key} ends past the end of the file.")
+            raise CdfaceError(f"RecordIO file {self.rec_path} is truncated: record {key} ends past the end of "
+                              "the file.")
         magic, lrecord = _FRAME.unpack(frame)
         if magic != RECORD_MAGIC:
             raise CdfaceError(
@@ -264,7 +265,7 @@ class RecordIOReader:
                 odd = np.flatnonzero(((lrecord >> 29) != 0) | (length < IR_HEADER.size + 4 * (flag > 0)))
                 for i in odd.tolist():
                     header = self.read_header(int(keys[start + i]))
-                    chunk_labels[i] = header.label if header.flag == 0 else header.label[0]
+                    chunk_labels[i] = np.atleast_1d(header.label)[0]  # a float, or the first of several
                 labels[start : start + chunk] = chunk_labels
         finally:
             del data
@@ -275,7 +276,8 @@ class RecordIOReader:
         if len(bad):
             i = int(bad[0])
             raise CdfaceError(
-                f"bad magic 0x{int(magic[i]):08x} at offset {int(offsets[i])} of {self.rec_path} (record {int(keys[i])}): "
+                f"bad magic 0x{int(magic[i]):08x} at offset {int(offsets[i])} of {self.rec_path} "
+                f"(record {int(keys[i])}): "
                 f"the file is corrupt or {self.idx_path.name} does not match it."
             )
         short = np.flatnonzero(offsets + _FRAME.size + length > self.file_size)
@@ -300,10 +302,11 @@ def read_layout(reader: RecordIOReader) -> RecordIOLayout:
     if 0 in reader:
         header = reader.read_header(0)
         if header.flag == 2:
-            identity_start, identity_end = (int(round(float(v))) for v in header.label)
+            identity_start, identity_end = (int(round(float(v))) for v in np.atleast_1d(header.label)[:2])
             if not 1 <= identity_start <= identity_end:
                 raise CdfaceError(
-                    f"the header record of {reader.rec_path} holds an invalid key range ({identity_start}, {identity_end})."
+                    f"the header record of {reader.rec_path} holds an invalid key range "
+                    f"({identity_start}, {identity_end})."
                 )
             image_keys = np.arange(1, identity_start, dtype=np.int64)
             for key in (image_keys[:1].tolist() + image_keys[-1:].tolist()):
@@ -320,7 +323,7 @@ def read_identity_ranges(reader: RecordIOReader, layout: RecordIOLayout) -> np.n
     """int64 [C, 2]: (first image key, last + 1) per identity, from the InsightFace identity records."""
     if layout.identity_keys is None:
         raise CdfaceError(f"{reader.rec_path} has no InsightFace header record, so no identity records.")
-    ranges = [reader.read_header(key).label[:2] for key in layout.identity_keys]
+    ranges = [np.atleast_1d(reader.read_header(key).label)[:2] for key in layout.identity_keys]
     return np.round(np.array(ranges, dtype=np.float64)).astype(np.int64).reshape(-1, 2)
 
 
@@ -447,11 +450,13 @@ def write_face_recordio(out_dir: str | os.PathLike, samples: Iterable[tuple[int,
         identity_end = identity_start + len(ranges)
         if identity_end > MAX_EXACT_FLOAT_KEY:
             raise CdfaceError(
-                f"{key} images and {len(ranges)} identities exceed the {MAX_EXACT_FLOAT_KEY} keys a float32 header label "
+                f"{key} images and {len(ranges)} identities exceed the {MAX_EXACT_FLOAT_KEY} keys a float32 "
+                "header label "
                 "can address exactly."
             )
         for offset, (first, end) in enumerate(ranges):
-            writer.write(identity_start + offset, pack_payload([float(first), float(end)], b"", id=identity_start + offset))
+            key_of_identity = identity_start + offset
+            writer.write(key_of_identity, pack_payload([float(first), float(end)], b"", id=key_of_identity))
         writer.write_at(0, pack_payload([float(identity_start), float(identity_end)], b""))
     return key, len(ranges)
 

@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from cdface.core.atomic import atomic_write_text
-from cdface.core.errors import CdfaceError
 from cdface.core.contract import INPUT_SIZE
+from cdface.core.errors import CdfaceError
 from cdface.training.data.binfile import write_bin
 from cdface.training.data.recordio import write_face_recordio
 
@@ -223,7 +223,8 @@ def random_nuisance(rng: np.random.Generator, hard: bool, difficulty: float = 1.
             occluders.append((side * u(0.3, 0.5), u(0.0, 0.4), u(0.45, 0.65), u(0.6, 1.0), u(-0.4, 0.4), colour))
     elif u() < 0.08 * d:
         occluders.append(
-            (u(-0.7, 0.7), u(0.3, 0.9), u(0.12, 0.3), u(0.12, 0.3), u(-0.5, 0.5), rng.uniform(0, 255, 3).astype(np.float32))
+            (u(-0.7, 0.7), u(0.3, 0.9), u(0.12, 0.3), u(0.12, 0.3), u(-0.5, 0.5),
+             rng.uniform(0, 255, 3).astype(np.float32))
         )
 
     if "dark" in strong:
@@ -239,7 +240,8 @@ def random_nuisance(rng: np.random.Generator, hard: bool, difficulty: float = 1.
         scale=float(scale),
         shift=(float(shift[0]), float(shift[1])),
         yaw=float(yaw),
-        background=(rng.uniform(0, 255, 3).astype(np.float32), rng.uniform(0, 255, 3).astype(np.float32), u(0, 2 * math.pi)),
+        background=(rng.uniform(0, 255, 3).astype(np.float32), rng.uniform(0, 255, 3).astype(np.float32),
+                    u(0, 2 * math.pi)),
         clothing=rng.uniform(0, 255, 3).astype(np.float32),
         light_gain=float(light_gain),
         gamma=float(gamma),
@@ -350,7 +352,8 @@ def render_face(identity: FaceIdentity, nuisance: Nuisance, size: int = INPUT_SI
     p = f.face_squareness
     r = (np.abs(fx_ / (fw * taper)) ** p + np.abs(fy_ / fh) ** p) ** (1 / p)
     face_alpha = np.clip((1 - r) * (fw / canvas.pixel) + 0.5, 0, 1)
-    texture = 1 + f.texture_strength * np.sin(f.texture_frequency[0] * fx_ + f.texture_frequency[1] * fy_ + f.texture_phase)
+    texture = 1 + f.texture_strength * np.sin(f.texture_frequency[0] * fx_ + f.texture_frequency[1] * fy_
+                                              + f.texture_phase)
     shading = (1 - 0.22 * np.clip(r, 0, 1) ** 4) * texture
     canvas.paint(window, face_alpha, skin * shading[..., None])
 
@@ -406,7 +409,8 @@ def render_face(identity: FaceIdentity, nuisance: Nuisance, size: int = INPUT_SI
     bridge_y = f.nose_y - f.nose_length * 0.45
     canvas.paint_ellipse(skin * 0.7, nx, bridge_y, f.nose_width * 0.3, f.nose_length * 0.5, opacity=0.35)
     canvas.paint_ellipse(skin * 0.75, nx, f.nose_y + 0.035, f.nose_width, 0.03, opacity=0.45)
-    canvas.paint_ellipse(np.minimum(skin * 1.08, 255), nx, f.nose_y, f.nose_width * 0.6, f.nose_width * 0.4, opacity=0.6)
+    canvas.paint_ellipse(np.minimum(skin * 1.08, 255), nx, f.nose_y, f.nose_width * 0.6, f.nose_width * 0.4,
+                         opacity=0.6)
     for side in (-1, 1):
         canvas.paint_ellipse(skin * 0.35, nx + side * f.nose_width * 0.45, f.nose_y + 0.03, 0.024, 0.013)
 
@@ -491,7 +495,8 @@ def hard_sample_mask(seed: int, num_samples: int, hard_share: float, role: int =
     if not 0.0 <= hard_share <= 1.0:
         raise CdfaceError(f"hard share must be between 0 and 1, got {hard_share}.")
     mask = np.zeros(num_samples, dtype=bool)
-    chosen = np.random.default_rng([seed, role, _HARD_STREAM]).permutation(num_samples)[: round(hard_share * num_samples)]
+    order = np.random.default_rng([seed, role, _HARD_STREAM]).permutation(num_samples)
+    chosen = order[: round(hard_share * num_samples)]
     mask[chosen] = True
     return mask
 
@@ -522,7 +527,8 @@ def iter_training_samples(spec: SyntheticSpec) -> Iterator[tuple[int, np.ndarray
         for j in range(spec.per_identity):
             index = label * spec.per_identity + j
             rng = np.random.default_rng([spec.seed, TRAIN_ROLE, _SAMPLE_STREAM, label, j])
-            yield label, render_face(identity, random_nuisance(rng, bool(hard[index]), spec.difficulty)), bool(hard[index])
+            is_hard = bool(hard[index])
+            yield label, render_face(identity, random_nuisance(rng, is_hard, spec.difficulty)), is_hard
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:

@@ -14,9 +14,9 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from cdface.core.contract import INPUT_NAME, OUTPUT_NAME
 from cdface.core.errors import CdfaceError
 from cdface.core.imaging import read_aligned_crop
-from cdface.core.contract import INPUT_NAME, INPUT_SIZE, OUTPUT_NAME
 
 Embedder = Callable[[np.ndarray], np.ndarray]
 

@@ -115,8 +115,8 @@ def similarity_gradient_magnitudes(thetas: np.ndarray) -> dict[str, np.ndarray]:
         w = torch.zeros_like(x.detach())
         w[:, 0] = 1.0
         # Each row's term depends only on its own x, so the gradient of the sum is the per-row gradient.
-        similarity_terms(x, w)[name].sum().backward()
-        magnitudes[name] = x.grad.norm(dim=1).numpy()
+        (grad,) = torch.autograd.grad(similarity_terms(x, w)[name].sum(), x)
+        magnitudes[name] = grad.norm(dim=1).numpy()
     return magnitudes
 
 

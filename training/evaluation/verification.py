@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from cdface.core.matching import is_match
-
 from cdface.core.errors import CdfaceError
+from cdface.core.matching import is_match
 
 
 @dataclass
