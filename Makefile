@@ -36,11 +36,7 @@ check: $(VENV)/.installed
 demo: setup
 	$(BIN)/python -m cdface.devtools.stack_demo --workdir $(DEMO) $(if $(MODEL),--model $(MODEL))
 
-train-# ruff, the import contracts and mypy (also part of `make test`).
-check: $(VENV)/.installed
-	$(BIN)/python -m cdface.devtools.checks
-
-demo: setup
+train-demo: setup
 	$(BIN)/python -m cdface.devtools.train_demo --workdir work/train-demo
 
 bench: setup

@@ -39,18 +39,11 @@ class _Strict(BaseModel):
 
 
 class InputSpec(_Strict):
-    name: str = INPUT_NAME
+    name: str = Field(INPUT_NAME, pattern=f"^{INPUT_NAME}$")  # the contract's one input
     dtype: Literal["uint8"] = "uint8"
     layout: Literal["NHWC"] = "NHWC"
     shape: list[int] = Field(default_factory=lambda: [-1, INPUT_SIZE, INPUT_SIZE, 3])
     pixel_format: Literal["RGB"] = "RGB"
-
-    @field_validator("name")
-    @classmethod
-    def _input_name(cls, name: str) -> str:
-        if name != INPUT_NAME:
-            raise ValueError(f"the contract's input is named {INPUT_NAME!r}")
-        return name
 
     @field_validator("shape")
     @classmethod
@@ -83,17 +76,10 @@ class Normalisation(_Strict):
 
 
 class OutputSpec(_Strict):
-    name: str = OUTPUT_NAME
+    name: str = Field(OUTPUT_NAME, pattern=f"^{OUTPUT_NAME}$")  # the contract's one output
     dtype: Literal["float32"] = "float32"
     shape: list[int]
     l2_normalised: Literal[True] = True
-
-    @field_validator("name")
-    @classmethod
-    def _output_name(cls, name: str) -> str:
-        if name != OUTPUT_NAME:
-            raise ValueError(f"the contract's output is named {OUTPUT_NAME!r}")
-        return name
 
 
 class Evaluation(_Strict):
