@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.results import write_result
+from cdface.core.contract import INPUT_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ async def _measure(gateway_url: str, grpc_url: str, levels: list[int], seconds: 
         r.raise_for_status()
 
     async def via_triton(i: int) -> None:
-        tensor = InferInput("images", [1, 112, 112, 3], "UINT8")
+        tensor = InferInput(INPUT_NAME, [1, 112, 112, 3], "UINT8")
         tensor.set_data_from_numpy(arrays[i % 64: i % 64 + 1])
         await direct.infer("face", [tensor])
 

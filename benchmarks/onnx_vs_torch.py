@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from benchmarks.results import write_result
+from cdface.core.contract import INPUT_NAME, OUTPUT_NAME
 from cdface.export.onnx_export import EmbeddingModel, export_module
 from cdface.training.backbones import create_backbone
 
@@ -74,7 +75,7 @@ def main() -> None:
             return model(torch.from_numpy(images)).numpy()
 
     def run_onnx(images: np.ndarray) -> np.ndarray:
-        return session.run(["embedding"], {"images": images})[0]
+        return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
 
     details = {"backbone": args.backbone, "width": width, "embedding_size": dim, "threads": args.threads,
                "onnxruntime": ort.__version__, "torch": torch.__version__, "quick": args.quick}

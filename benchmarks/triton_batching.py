@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cdface.core.contract import INPUT_NAME, OUTPUT_NAME
+
 BATCHED, UNBATCHED = "face-batched", "face-unbatched"
 
 
@@ -76,14 +78,14 @@ async def closed_loop(url: str, model: str, concurrency: int, seconds: float, wa
     async def worker(seed: int) -> None:
         i = seed
         while True:
-            tensor = grpcclient.InferInput("images", [1, 112, 112, 3], "UINT8")
+            tensor = grpcclient.InferInput(INPUT_NAME, [1, 112, 112, 3], "UINT8")
             tensor.set_data_from_numpy(images[i % len(images)])
             sent = time.perf_counter()
             if sent >= stop_at:
                 return
             result = await client.infer(model, [tensor])
             done = time.perf_counter()
-            assert result.as_numpy("embedding").shape[0] == 1
+            assert result.as_numpy(OUTPUT_NAME).shape[0] == 1
             if sent >= measure_from:
                 latencies.append(done - sent)
             i += concurrency
@@ -172,10 +174,10 @@ def onnx_runtime_ceiling(onnx_path: Path, batch: int, seconds: float) -> dict[st
     rates = {}
     for n in (1, batch):
         images = np.random.default_rng(n).integers(0, 256, size=(n, 112, 112, 3), dtype=np.uint8)
-        session.run(None, {"images": images})
+        session.run(None, {INPUT_NAME: images})
         runs, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            session.run(None, {"images": images})
+            session.run(None, {INPUT_NAME: images})
             runs += 1
         rates[str(n)] = runs * n / (time.perf_counter() - start)
     return rates

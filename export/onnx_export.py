@@ -29,19 +29,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cdface.core.contract import INPUT_NAME, INPUT_SIZE, OUTPUT_NAME, PARITY_MIN_COSINE, PIXEL_MEAN, PIXEL_STD
-from cdface.core.digest import sha256_bytes, sha256_file
+from cdface.core.digest import sha256_file
 from cdface.core.errors import CdfaceError
 from cdface.core.manifest import (
     ExportResult,
-    ModelManifest,
-    Normalisation,
-    OutputSpec,
     Source,
     check_name_version,
     config_digest,
     publish_model,
     read_eval_report,
-    utc_now,
 )
 from cdface.training.checkpoint import build_backbone_from, load_checkpoint
 from cdface.training.preprocess import to_model_input
@@ -234,19 +230,9 @@ def export_checkpoint(
         EmbeddingModel(backbone, flip=flip), opset=opset, simplify=simplify, reference_fault=reference_fault
     )
     config = state.get("config")
-    manifest = ModelManifest(
-        name=name,
-        version=version,
-        backbone=spec["name"],
-        embedding_size=dim,
-        normalisation=Normalisation(mean=[PIXEL_MEAN] * 3, std=[PIXEL_STD] * 3),
-        output=OutputSpec(shape=[-1, dim]),
-        flip_augmented=flip,
-        config_digest=config_digest(config) if isinstance(config, dict) else None,
-        evaluation=evaluation,
-        onnx_sha256=sha256_bytes(onnx_bytes),
-        opset=opset,
+    return publish_model(
+        out_dir, onnx_bytes, name=name, version=version, backbone=spec["name"], embedding_size=dim,
+        mean=[PIXEL_MEAN] * 3, std=[PIXEL_STD] * 3, opset=opset, flip_augmented=flip,
+        config_digest=config_digest(config) if isinstance(config, dict) else None, evaluation=evaluation,
         source=Source(kind="checkpoint", path=str(checkpoint_path.resolve()), sha256=sha256_file(checkpoint_path)),
-        created=utc_now(),
     )
-    return publish_model(out_dir, onnx_bytes, manifest)

@@ -21,17 +21,13 @@ from typing import TYPE_CHECKING, Literal, Sequence
 import numpy as np
 
 from cdface.core.contract import INPUT_NAME, INPUT_SIZE, OUTPUT_NAME, PARITY_MIN_COSINE
-from cdface.core.digest import sha256_bytes, sha256_file
+from cdface.core.digest import sha256_file
 from cdface.core.errors import CdfaceError
 from cdface.core.manifest import (
     ExportResult,
-    ModelManifest,
-    Normalisation,
-    OutputSpec,
     Source,
     check_name_version,
     publish_model,
-    utc_now,
 )
 
 if TYPE_CHECKING:
@@ -385,20 +381,11 @@ def wrap_onnx(
 
     # Record what the graph does to pixels in RGB order, as the manifest speaks RGB.
     rgb_mean, rgb_std = (mean[::-1], std[::-1]) if channel_order == "BGR" else (mean, std)
-    manifest = ModelManifest(
-        name=name,
-        version=version,
-        backbone=backbone or src.stem,
-        embedding_size=dim,
-        normalisation=Normalisation(mean=rgb_mean, std=rgb_std),
-        output=OutputSpec(shape=[-1, dim]),
-        flip_augmented=False,
-        onnx_sha256=sha256_bytes(wrapped),
-        opset=opset,
+    return publish_model(
+        out_dir, wrapped, name=name, version=version, backbone=backbone or src.stem, embedding_size=dim,
+        mean=rgb_mean, std=rgb_std, opset=opset,
         source=Source(kind="wrapped", path=src.name, sha256=sha256_file(src), licence=licence.strip(), url=url),
-        created=utc_now(),
     )
-    return publish_model(out_dir, wrapped, manifest)
 
 
 def _check_images(count: int = 6, seed: int = 0) -> np.ndarray:

@@ -30,12 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_package_folder_is_listed_in_pyproject():
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed, mapping = set(setuptools["packages"]), setuptools["package-dir"]
+    data_only = set(setuptools["package-data"])  # folders of data files, shipped as packages too
     found = set()
     for package, folder in mapping.items():
         for init in (ROOT / folder).rglob("__init__.py"):
             relative = init.parent.relative_to(ROOT / folder).parts
             found.add(".".join((package, *relative)))
-    assert found == listed, f"unlisted: {sorted(found - listed)}; listed but missing: {sorted(listed - found)}"
+    assert found | data_only == listed, \
+        f"unlisted: {sorted(found - listed)}; listed but missing: {sorted(listed - found - data_only)}"
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def _run(python: Path, code: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_wheel_installs_one_namespace_and_no_torch(serve_only_venv, tmp_path):
     probe = """
-import importlib.util, json, pathlib, sysconfig
+import importlib.resources, importlib.util, json, pathlib, sysconfig
 site = pathlib.Path(sysconfig.get_paths()["purelib"])
 print(json.dumps({
     "top_level": {m: importlib.util.find_spec(m) is not None for m in ("training", "export", "serving")},
@@ -74,6 +76,8 @@ print(json.dumps({
     "namespace": {m: importlib.util.find_spec(m) is not None
                   for m in ("cdface.core", "cdface.serving.app", "cdface.training", "cdface.export")},
     "origin": importlib.util.find_spec("cdface").origin,
+    "presets": sorted(p.name for p in importlib.resources.files("cdface.training.presets").iterdir()
+                      if p.name.endswith(".yaml")),
     "torch": importlib.util.find_spec("torch") is not None,
 }))
 """
@@ -84,6 +88,7 @@ print(json.dumps({
     assert found["in_site_packages"] == []
     assert all(found["namespace"].values()), found["namespace"]
     assert "site-packages" in found["origin"]
+    assert {"demo.yaml", "paper.yaml"} <= set(found["presets"])  # package data travels with the wheel
     assert found["torch"] is False  # the serve extra pulls no torch
 
 

@@ -230,14 +230,22 @@ class ExportResult:
     manifest: ModelManifest
 
 
-def publish_model(out_dir: str | os.PathLike, onnx_bytes: bytes, manifest: ModelManifest) -> ExportResult:
-    """Write ``model.onnx`` then ``manifest.json`` into ``out_dir``, each atomically.
+def publish_model(out_dir: str | os.PathLike, onnx_bytes: bytes, *, name: str, version: int, backbone: str,
+                  embedding_size: int, mean: list[float], std: list[float], source: Source, opset: int | None,
+                  flip_augmented: bool = False, config_digest: str | None = None,
+                  evaluation: Evaluation | None = None) -> ExportResult:
+    """Describe ``onnx_bytes`` with a manifest and write both into ``out_dir``: how every export is published.
 
-    The ONNX file goes first: whoever finds a manifest also finds the file it describes, and a
-    reader that sees an older manifest beside a newer ONNX file is stopped by the hash check.
+    ``mean``/``std``: what the graph does to RGB pixel values before the network. The ONNX file
+    goes first, each file atomically: whoever finds a manifest also finds the file it describes,
+    and a reader that sees an older manifest beside a newer ONNX file is stopped by the hash check.
     """
-    if sha256_bytes(onnx_bytes) != manifest.onnx_sha256:
-        raise CdfaceError("internal error: the manifest's onnx_sha256 does not describe the bytes being written")
+    manifest = ModelManifest(
+        name=name, version=version, backbone=backbone, embedding_size=embedding_size,
+        normalisation=Normalisation(mean=list(mean), std=list(std)), output=OutputSpec(shape=[-1, embedding_size]),
+        flip_augmented=flip_augmented, config_digest=config_digest, evaluation=evaluation,
+        onnx_sha256=sha256_bytes(onnx_bytes), opset=opset, source=source, created=utc_now(),
+    )
     out_dir = Path(out_dir)
     onnx_path = out_dir / manifest.onnx_file
     atomic_write_bytes(onnx_path, onnx_bytes)

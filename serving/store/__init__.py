@@ -6,16 +6,16 @@ needed only when PostgreSQL is used.
 
 from cdface.serving.errors import Conflict, NotFound
 from cdface.serving.store.base import (
-                                       ApiKey,
-                                       Change,
-                                       Embeddings,
-                                       Face,
-                                       GalleryStore,
-                                       Identity,
-                                       ModelKey,
-                                       NewFace,
-                                       new_identity_id,
-                                       utc_now,
+    ApiKey,
+    Change,
+    Embeddings,
+    Face,
+    GalleryStore,
+    Identity,
+    ModelKey,
+    NewFace,
+    new_identity_id,
+    utc_now,
 )
 from cdface.serving.store.sql import SCHEMA_VERSION, SqlStore
 from cdface.serving.store.sqlite import SQLiteStore
