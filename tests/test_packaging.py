@@ -42,7 +42,7 @@ def test_every_package_folder_is_listed_in_pyproject():
 
 @pytest.fixture(scope="module")
 def serve_only_venv(tmp_path_factory) -> Path:
-    """A fresh virtual environment holding ``pip install .[serve]`` (a wheel build, not editable)."""
+    """A fresh virtual environment holding ``pip install -c docker/gateway-constraints.txt .[serve]`` (a wheel)."""
     work = tmp_path_factory.mktemp("serve-venv")
     # What the gateway image copies (docker/gateway.Dockerfile), and nothing else: no stale build/.
     source = work / "src"
@@ -54,8 +54,10 @@ def serve_only_venv(tmp_path_factory) -> Path:
     root = work / "venv"
     venv.EnvBuilder(with_pip=True).create(root)
     python = root / "bin" / "python"
+    # With the gateway image's constraints, so the versions the image pins are the ones tested here.
     done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                           f"{source}[serve]"], capture_output=True, text=True, timeout=1200)
+                           "-c", str(ROOT / "docker" / "gateway-constraints.txt"), f"{source}[serve]"],
+                          capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return python
 
