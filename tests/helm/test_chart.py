@@ -1,9 +1,13 @@
 """The Helm chart, checked with the real tools and over the objects it renders.
 
 - the official helm v4 binary (fetched once by helm/tools/fetch_helm.py, sha256-pinned):
-  `helm lint --strict` and `helm template` for the default values and every example values file;
-- `kubernetes-validate --strict` against the Kubernetes 1.30 and 1.32 schemas, warnings failing;
-- the rendered objects themselves (PyYAML): GPUs, hardening, probes, secrets, NetworkPolicy, schema.
+  `helm lint --strict` and `helm template` for the default values and every example values file,
+  on every supported Kubernetes version;
+- `kubernetes-validate --strict` against the Kubernetes 1.32 to 1.36 schemas, warnings failing;
+- every `helm` command with `--set` that docs/deploy.md or an example's comments document, parsed
+  from those files (a newly documented command is tested without touching this file);
+- the rendered objects themselves (PyYAML): GPUs, hardening, probes, secrets, NetworkPolicy, schema,
+  scheduling, the Ingress, Triton's Services and autoscaling.
 
 No cluster is involved (none can run here): `lookup` sees nothing, so generated Secrets are fresh
 on every render, exactly as under `helm template` in a user's shell.
@@ -16,6 +20,7 @@ import functools
 import importlib.util
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,8 +32,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "cdface"
 EXAMPLES = ROOT / "helm" / "examples"
-KUBE_VERSION = "1.32.0"
-VALIDATE_VERSIONS = ("1.30.0", "1.32.0")
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+# Kubernetes versions the chart supports (Chart.yaml kubeVersion: >=1.32): lint and validate on each.
+SUPPORTED_VERSIONS = ("1.32.0", "1.33.0", "1.34.0", "1.35.0", "1.36.0")
+VALIDATE_VERSIONS = SUPPORTED_VERSIONS
+KUBE_VERSION = SUPPORTED_VERSIONS[-1]  # what `helm template` renders for the object checks
 GPU = "nvidia.com/gpu"
 
 # Every way the chart is meant to be installed, as `helm template` arguments.
@@ -40,11 +48,14 @@ CASES: dict[str, list[str]] = {
                    "--set", "training.cronJob.enabled=true"],
     "external-db": ["--set", "database.mode=external", "--set", "database.external.existingSecret=cdface-db",
                     "--set", "gateway.replicaCount=3", "--set", "gateway.secrets.existingSecret=cdface-keys"],
+    # The in-chart PostgreSQL with its nightly pg_dump CronJob.
+    "postgresql-backup": ["-f", str(EXAMPLES / "multi-gpu-postgresql.yaml"),
+                          "--set", "database.postgresql.backup.enabled=true"],
 }
 EXAMPLE_CASES = ["default"] + sorted(p.stem for p in EXAMPLES.glob("*.yaml"))
 # CRDs have no schema in kubernetes-validate: their pod templates are validated as core/v1
 # PodTemplates, their own fields against the allow-lists below.
-CRD_KINDS = {"PyTorchJob", "ServiceMonitor"}
+CRD_KINDS = {"PyTorchJob", "ServiceMonitor", "ScaledObject"}
 
 
 def _load_fetch_helm():
@@ -143,9 +154,10 @@ def selector_matches(selector: dict, labels: dict) -> bool:
 
 # ---------- the real tools ----------
 
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
 @pytest.mark.parametrize("case", EXAMPLE_CASES)
-def test_helm_lint_strict(helm, case):
-    done = run_helm(helm, "lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART), *CASES[case])
+def test_helm_lint_strict(helm, case, version):
+    done = run_helm(helm, "lint", "--strict", "--kube-version", version, str(CHART), *CASES[case])
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 chart(s) failed" in done.stdout
     # lint reports a template's `fail` only as an INFO line: treat it as the failure it is.
@@ -370,8 +382,8 @@ def test_no_secret_in_configmaps_or_env_literals(helm, case):
             if SECRET_NAME.search(e["name"]):
                 assert "valueFrom" in e and "secretKeyRef" in e["valueFrom"], f"{c['name']} {e['name']}"
             if e["name"] == "CDFACE_SERVE_DATABASE_URL" and "value" in e:
-                # only the in-chart PostgreSQL's URL, with the password substituted by Kubernetes
-                assert "$(PGPASSWORD)@" in e["value"] and not re.search(r":[^:@/$]+@", e["value"])
+                # only the in-chart PostgreSQL's URL, with no password at all: libpq reads PGPASSWORD
+                assert "PGPASSWORD" not in e["value"] and not re.search(r"//[^@/]*:[^@/]*@", e["value"])
     for d in docs:
         if d["kind"] == "ConfigMap":
             assert not re.search(r"postgres(ql)?://[^@\s]+:[^@\s$]+@", json.dumps(d["data"]))
@@ -545,3 +557,502 @@ def test_retraining_renders_only_when_asked(helm):
     assert [c["name"] for c in job["containers"]] == ["reembed"]
     reembed = {e["name"]: e.get("value") for e in job["containers"][0]["env"]}
     assert reembed["REEMBED"] == "1"  # PostgreSQL: the job re-embeds; with SQLite the gateway pod does
+
+
+# ---------- documented commands ----------
+
+def _joined(lines: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Shell lines with their backslash continuations joined, each with its first line number."""
+    out, buf, start = [], "", 0
+    for n, line in lines:
+        text = line.strip()
+        if not buf:
+            start = n
+        buf = f"{buf} {text}".strip()
+        if buf.endswith("\\"):
+            buf = buf[:-1].rstrip()
+            continue
+        out.append((start, buf))
+        buf = ""
+    if buf:
+        out.append((start, buf))
+    return out
+
+
+def _helm_args(command: str) -> list[str]:
+    """The values a documented command gives the chart: --set / --set-string pairs and repository
+    values files (-f), in order. Release, chart, namespace and --reuse-values say nothing about values."""
+    args: list[str] = []
+    tokens = shlex.split(command)
+    for i, tok in enumerate(tokens):
+        if tok in ("--set", "--set-string"):
+            args += [tok, tokens[i + 1] if i + 1 < len(tokens) else ""]
+        elif tok in ("-f", "--values"):
+            path = ROOT / tokens[i + 1]
+            if path.is_file():  # my-values.yaml and the like are the reader's own
+                args += ["-f", str(path)]
+    return args
+
+
+def _documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(where, command, helm args) for every helm command with values that docs/deploy.md shows in a
+    code block or an inline code span, and that the examples show in their comments."""
+    found = []
+    in_block, block = False, []
+    for n, line in enumerate(DEPLOY_DOC.read_text().splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            if in_block:
+                for start, cmd in _joined(block):
+                    if cmd.startswith("helm ") and "--set" in cmd:
+                        found.append((f"deploy.md:{start}", cmd))
+            in_block, block = not in_block, []
+        elif in_block:
+            block.append((n, line))
+        else:
+            found += [(f"deploy.md:{n}", span) for span in re.findall(r"`([^`]*--set[^`]*)`", line)]
+    for example in sorted(EXAMPLES.glob("*.yaml")):
+        comments = [(n, line.strip()[1:]) for n, line in enumerate(example.read_text().splitlines(), 1)
+                    if line.strip().startswith("#")]
+        for start, cmd in _joined(comments):
+            if cmd.startswith("helm "):
+                found.append((f"{example.name}:{start}", cmd))
+    return [(where, cmd, _helm_args(cmd)) for where, cmd in found]
+
+
+DOC_COMMANDS = _documented_commands()
+
+
+def test_every_documented_set_is_parsed():
+    """No --set hides where the parser does not look (a wrapped inline span, a comment fragment)."""
+    doc_sets = DEPLOY_DOC.read_text().count("--set")
+    parsed = sum(cmd.count("--set") for where, cmd, _ in DOC_COMMANDS if where.startswith("deploy.md"))
+    assert parsed == doc_sets, "a --set in docs/deploy.md sits outside a helm command or one-line code span"
+    for example in EXAMPLES.glob("*.yaml"):
+        in_comments = sum(line.count("--set") for line in example.read_text().splitlines()
+                          if line.strip().startswith("#"))
+        parsed = sum(cmd.count("--set") for where, cmd, _ in DOC_COMMANDS if where.startswith(example.name + ":"))
+        assert parsed == in_comments, example.name
+    assert any(where.startswith("deploy.md") for where, _, _ in DOC_COMMANDS)
+    # Commands are rendered as written: placeholders would not render, so docs show concrete values.
+    for where, _, args in DOC_COMMANDS:
+        assert not [a for a in args if re.search(r"<[^>]*>", a)], f"{where}: a placeholder in {args}"
+        assert all("=" in v for flag, v in zip(args, args[1:]) if flag.startswith("--set")), f"{where}: {args}"
+    assert any(where.startswith("multi-gpu-postgresql") and "training.steps.train=false" in cmd
+               for where, cmd, _ in DOC_COMMANDS)
+
+
+@pytest.mark.parametrize("where, command, args", DOC_COMMANDS, ids=[w for w, _, _ in DOC_COMMANDS])
+def test_documented_command_renders(helm, where, command, args):
+    lint = run_helm(helm, "lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART), *args)
+    assert lint.returncode == 0 and "funcMap fail" not in lint.stdout + lint.stderr, lint.stdout + lint.stderr
+    docs = render(helm, *args)
+    _assert_mounts_resolve(docs, where)
+
+
+@pytest.mark.parametrize("version", VALIDATE_VERSIONS)
+def test_documented_commands_validate(helm, kubernetes_validate, tmp_path, version):
+    """All documented commands' manifests in one kubernetes-validate run per version. Most objects
+    come out the same from several commands: each distinct object is validated once."""
+    files, seen = [], set()
+    for i, (where, _, args) in enumerate(DOC_COMMANDS):
+        docs = []
+        for d in _validation_input(render(helm, *args)):
+            key = json.dumps(d, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                docs.append(d)
+        path = tmp_path / f"command-{i}.yaml"
+        path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        files.append((path, len(docs), where))
+    done = subprocess.run([kubernetes_validate, "--strict", "-k", version, *(str(f) for f, n, _ in files if n)],
+                          capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    bad = [line for line in out.splitlines() if not line.startswith("INFO")]
+    assert done.returncode == 0 and not bad, out
+    for path, count, where in files:
+        assert out.count(f"{path} passed for resource ") == count, where
+
+
+# ---------- pods are whole ----------
+
+def _assert_mounts_resolve(docs: list[dict], where: str):
+    """Every volumeMount names a volume of its pod (a schema cannot see a missing one)."""
+    for obj, tpl, c, _ in containers(docs):
+        volumes = {v["name"] for v in tpl["spec"].get("volumes", [])}
+        volumes |= {v["metadata"]["name"] for v in obj["spec"].get("volumeClaimTemplates", [])}
+        for m in c.get("volumeMounts", []):
+            assert m["name"] in volumes, f"{where}: {obj['kind']}/{obj['metadata']['name']}:{c['name']} mounts " \
+                                         f"{m['name']}, which its pod does not define"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_volume_mounts_resolve(helm, case):
+    _assert_mounts_resolve(render_case(helm, case), case)
+
+
+def test_multi_node_follow_up_keeps_the_training_data(helm):
+    """The documented follow-up (a publish Job beside the PyTorchJob) used to drop the data volume."""
+    docs = render(helm, "-f", str(EXAMPLES / "multi-gpu-postgresql.yaml"), "--set", "training.job.enabled=true",
+                  "--set-string", "training.job.runId=1", "--set", "training.steps.train=false")
+    job = one(docs, "PyTorchJob", "-train-1")
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = spec["template"]["spec"]
+        assert {"data", "checkpoints", "dshm"} <= {v["name"] for v in pod["volumes"]}
+        assert "models" not in {v["name"] for v in pod["volumes"]}  # training only: no claim it does not use
+    publish = one(docs, "Job", "-run-1")["spec"]["template"]["spec"]
+    assert [c["name"] for c in publish["initContainers"]] == ["publish"]
+    assert "data" not in {v["name"] for v in publish["volumes"]}
+    done = run_helm(helm, "template", "x", str(CHART), "--set", "training.multiNode.enabled=true",
+                    "--set", "training.steps.train=false")
+    assert done.returncode != 0 and "training.dataset.existingClaim" in done.stderr
+
+
+# ---------- Triton: engine cache, Services, autoscaling ----------
+
+def _volumes(docs: list[dict]):
+    for obj, tpl in pod_templates(docs):
+        for v in tpl["spec"].get("volumes", []):
+            yield obj, v
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_no_host_path_unless_asked(helm, case):
+    docs = render_case(helm, case)
+    assert not [v["name"] for _, v in _volumes(docs) if "hostPath" in v]
+    # The default TensorRT engine cache works on a fresh node under Pod Security restricted.
+    if case == "default":
+        trt = render(helm, "--set", "triton.tensorrt.enabled=true")
+        cache = [v for _, v in _volumes(trt) if v["name"] == "engine-cache"]
+        assert cache and "emptyDir" in cache[0] and not [v for _, v in _volumes(trt) if "hostPath" in v]
+
+
+def test_host_path_engine_cache_is_handed_to_triton(helm):
+    docs = render(helm, "--set", "triton.tensorrt.enabled=true", "--set", "triton.tensorrt.engineCache.type=hostPath")
+    pod = one(docs, "Deployment", "-triton")["spec"]["template"]["spec"]
+    hp = [v for v in pod["volumes"] if "hostPath" in v]
+    assert [v["name"] for v in hp] == ["engine-cache"]
+    owner, build = pod["initContainers"][0], pod["initContainers"][1]
+    assert owner["name"] == "engine-cache-owner" and build["name"] == "build-engines"
+    psc = pod["securityContext"]
+    assert owner["command"] == ["chown", f"{psc['runAsUser']}:{psc['runAsGroup']}", "/engine-cache"]
+    sc = owner["securityContext"]
+    # root, but nothing beyond changing an owner
+    assert sc["runAsUser"] == 0 and sc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert build["securityContext"]["runAsNonRoot"] is True
+    assert "runAsUser" not in build["securityContext"]  # the pod's uid 1000, the directory's new owner
+    # a PVC cache: the chart's claim, or the one given
+    pvc = render(helm, "--set", "triton.tensorrt.enabled=true", "--set", "triton.tensorrt.engineCache.type=pvc")
+    claim = one(pvc, "PersistentVolumeClaim", "-engine-cache")
+    pod = one(pvc, "Deployment", "-triton")["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["engine-cache"]["persistentVolumeClaim"]["claimName"] == \
+        claim["metadata"]["name"]
+    assert [c["name"] for c in pod["initContainers"]] == ["build-engines"]
+
+
+def test_triton_grpc_headless_service_and_gateway_target(helm):
+    for case in ("default", "multi-gpu-postgresql"):
+        docs = render_case(helm, case)
+        grpc = one(docs, "Service", "-triton-grpc")
+        assert grpc["spec"]["clusterIP"] == "None"
+        assert [p["port"] for p in grpc["spec"]["ports"]] == [8001]
+        assert grpc["spec"]["ports"][0]["targetPort"] == "grpc"
+        assert not grpc["spec"].get("publishNotReadyAddresses")  # inference goes to ready pods only
+        triton = one(docs, "Deployment", "-triton")["spec"]["template"]["metadata"]["labels"]
+        assert selector_matches({"matchLabels": grpc["spec"]["selector"]}, triton)
+        # The ClusterIP Service stays for HTTP and metrics.
+        cluster_ip = one(docs, "Service", "-triton")
+        assert cluster_ip["spec"].get("clusterIP") != "None"
+        assert {p["name"] for p in cluster_ip["spec"]["ports"]} >= {"http", "metrics"}
+        for obj, _, c, _ in containers(docs):
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            if "CDFACE_SERVE_TRITON_URL" in env:
+                assert env["CDFACE_SERVE_TRITON_URL"] == \
+                    f"dns:///{grpc['metadata']['name']}.cdface.svc.cluster.local:8001", obj["metadata"]["name"]
+    # Connections age out, so clients re-resolve the name and find pods added by a scale-up.
+    args = one(render_case(helm, "default"), "Deployment", "-triton")["spec"]["template"]["spec"]["containers"][0][
+        "args"]
+    assert "--grpc-max-connection-age=300000" in args and "--grpc-max-connection-age-grace=30000" in args
+    # The model-control Service reaches unready pods too (a pod with nothing to serve is unready).
+    pods = one(render_case(helm, "default"), "Service", "-triton-pods")
+    assert pods["spec"]["clusterIP"] == "None" and pods["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_triton_autoscaling(helm):
+    assert not [d for d in render_case(helm, "everything") if d["kind"] in ("ScaledObject",) or
+                (d["kind"] == "HorizontalPodAutoscaler" and d["metadata"]["name"].endswith("-triton"))]
+    docs = render(helm, "--set", "triton.autoscaling.enabled=true", "--set", "triton.autoscaling.maxReplicas=6")
+    hpa = one(docs, "HorizontalPodAutoscaler", "-triton")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == one(docs, "Deployment", "-triton")["metadata"]["name"]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 6)
+    metric = hpa["spec"]["metrics"][0]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "triton_queue_time_us"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "10000"}
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 600
+    assert "replicas" not in one(docs, "Deployment", "-triton")["spec"]  # the HPA owns the count
+    keda = render(helm, "--set", "triton.autoscaling.enabled=true", "--set", "triton.autoscaling.provider=keda")
+    assert not [d for d in keda if d["kind"] == "HorizontalPodAutoscaler"]  # KEDA makes its own
+    so = one(keda, "ScaledObject", "-triton")
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    assert set(so["spec"]) <= {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval",
+                               "cooldownPeriod", "advanced", "triggers"}
+    assert so["spec"]["scaleTargetRef"] == {"name": one(keda, "Deployment", "-triton")["metadata"]["name"]}
+    (trigger,) = so["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "Value"
+    assert set(trigger["metadata"]) == {"serverAddress", "query", "threshold"}
+    assert "nv_inference_queue_duration_us" in trigger["metadata"]["query"]
+    assert 'namespace="cdface"' in trigger["metadata"]["query"]
+    assert trigger["metadata"]["threshold"] == "10000"
+    assert "replicas" not in one(keda, "Deployment", "-triton")["spec"]
+    done = run_helm(helm, "template", "x", str(CHART), "--set", "triton.autoscaling.enabled=true",
+                    "--set", "triton.autoscaling.minReplicas=5", "--set", "triton.autoscaling.maxReplicas=2")
+    assert done.returncode != 0 and "minReplicas" in done.stderr
+
+
+# ---------- the gateway ----------
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gateway_readiness_does_not_depend_on_triton(helm, case):
+    docs = render_case(helm, case)
+    pod = one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]
+    gw = pod["containers"][0]
+    assert gw["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert gw["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert gw["startupProbe"]["httpGet"]["path"] == "/healthz"
+    # Nothing waits for Triton before the gateway runs: no init container at all.
+    assert not pod.get("initContainers")
+    assert [c["name"] for c in pod["containers"]] == ["gateway"]
+
+
+def test_gateway_startup_budget_follows_gallery_load_time(helm):
+    gw = one(render_case(helm, "default"), "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
+    probe = gw["startupProbe"]
+    budget = probe["periodSeconds"] * probe["failureThreshold"]
+    # ~7 s per million faces (measured: 100k in 0.65-0.78 s on 2 cores): 2 minutes covers 10M with
+    # room, and no new gateway waits ten minutes to be declared dead.
+    assert budget == 120
+    assert 10 * 7 < budget < 600
+    values = (CHART / "values.yaml").read_text()
+    assert "0.65-0.78 s" in values and "7 s per million" in values
+
+
+def test_gateway_graceful_shutdown(helm):
+    pod = one(render_case(helm, "default"), "Deployment", "-gateway")["spec"]["template"]["spec"]
+    gw = pod["containers"][0]
+    sleep = gw["lifecycle"]["preStop"]["sleep"]["seconds"]
+    env = {e["name"]: e.get("value") for e in gw["env"]}
+    assert sleep == 5 and pod["terminationGracePeriodSeconds"] == 30
+    assert env["CDFACE_SERVE_GRACEFUL_TIMEOUT_S"] == "20"  # 30 - 5 (preStop) - 5 (margin)
+    longer = one(render(helm, "--set", "gateway.terminationGracePeriodSeconds=90",
+                        "--set", "gateway.preStopSleepSeconds=10"), "Deployment", "-gateway")
+    env = {e["name"]: e.get("value") for e in longer["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["CDFACE_SERVE_GRACEFUL_TIMEOUT_S"] == "75"
+    done = run_helm(helm, "template", "x", str(CHART), "--set", "gateway.terminationGracePeriodSeconds=10",
+                    "--set", "gateway.preStopSleepSeconds=8")
+    assert done.returncode != 0 and "terminationGracePeriodSeconds" in done.stderr
+    tr = one(render_case(helm, "default"), "Deployment", "-triton")["spec"]["template"]["spec"]["containers"][0]
+    assert tr["lifecycle"]["preStop"]["sleep"]["seconds"] == 5 and "--exit-timeout-secs=20" in tr["args"]
+
+
+def test_gateway_cpu_request_is_realistic(helm):
+    gw = one(render_case(helm, "multi-gpu-postgresql"), "Deployment", "-gateway")["spec"]["template"]["spec"][
+        "containers"][0]
+    # The HPA's percentage is of the request: a request far below one replica's real use scales at idle.
+    assert gw["resources"]["requests"]["cpu"] in ("2", 2)
+    hpa = one(render_case(helm, "multi-gpu-postgresql"), "HorizontalPodAutoscaler", "-gateway")
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
+@pytest.mark.parametrize("args", [
+    ["--set", "gateway.settings.auth=false"],
+    ["--set", "gateway.extraEnv[0].name=CDFACE_SERVE_AUTH", "--set-string", "gateway.extraEnv[0].value=false"],
+])
+def test_auth_off_needs_insecure(helm, args):
+    done = run_helm(helm, "template", "x", str(CHART), *args)
+    assert done.returncode != 0 and "insecure" in done.stderr, done.stderr
+    # The template refuses it too, should the schema be skipped.
+    done = run_helm(helm, "template", "x", str(CHART), "--skip-schema-validation", *args)
+    assert done.returncode != 0 and "gateway.insecure=true" in done.stderr, done.stderr
+    docs = render(helm, *args, "--set", "gateway.insecure=true")
+    env = {e["name"]: e.get("value") for e in one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"][
+        "containers"][0]["env"]}
+    assert env.get("CDFACE_SERVE_AUTH") == "false"
+    # A string is not a boolean: --set-string cannot slip past the schema's check.
+    done = run_helm(helm, "template", "x", str(CHART), "--set-string", "gateway.settings.auth=false")
+    assert done.returncode != 0 and "auth" in done.stderr
+
+
+# ---------- the Ingress ----------
+
+def _size_bytes(size: str) -> int:
+    m = re.fullmatch(r"(\d+)([kmg]?)", size.strip().lower())
+    assert m, size
+    return int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[m.group(2)]
+
+
+def _upload_limit(docs: list[dict]) -> int:
+    env = {e["name"]: e.get("value") for e in one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"][
+        "containers"][0]["env"]}
+    return int(env["CDFACE_SERVE_MAX_REQUEST_BYTES"])
+
+
+@pytest.mark.parametrize("case", list(CASES) + ["ingress-default", "ingress-large"])
+def test_ingress_admits_the_gateway_upload_limit_and_only_v1(helm, case):
+    if case == "ingress-default":
+        docs = render(helm, "--set", "gateway.ingress.enabled=true", "--set", "gateway.ingress.className=nginx")
+    elif case == "ingress-large":
+        docs = render(helm, "-f", str(EXAMPLES / "one-gpu-node.yaml"),
+                      "--set", "gateway.settings.max_request_bytes=104857600")
+    else:
+        docs = render_case(helm, case)
+    ingresses = [d for d in docs if d["kind"] == "Ingress"]
+    if case in ("one-gpu-node", "multi-gpu-postgresql", "ingress-default", "ingress-large"):
+        assert len(ingresses) == 1
+    for ing in ingresses:
+        size = ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+        assert _size_bytes(size) >= _upload_limit(docs) >= 1024 * 1024, (size, _upload_limit(docs))
+        paths = [(p["path"], p["pathType"]) for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
+        assert paths and set(paths) == {("/v1", "Prefix")}, paths
+    if case == "ingress-large":
+        assert _size_bytes(ingresses[0]["metadata"]["annotations"][
+            "nginx.ingress.kubernetes.io/proxy-body-size"]) == 104857600
+
+
+def test_ingress_refuses_a_body_limit_below_the_gateway(helm):
+    done = run_helm(helm, "template", "x", str(CHART), "--set", "gateway.ingress.enabled=true",
+                    "--set", "gateway.ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/proxy-body-size=1m")
+    assert done.returncode != 0 and "max_request_bytes" in done.stderr, done.stderr
+    # Exposed paths are a value.
+    docs = render(helm, "--set", "gateway.ingress.enabled=true", "--set", "gateway.ingress.paths[0].path=/v1",
+                  "--set", "gateway.ingress.paths[0].pathType=Prefix", "--set", "gateway.ingress.paths[1].path=/docs",
+                  "--set", "gateway.ingress.paths[1].pathType=Exact")
+    ing = one(docs, "Ingress", "-gateway")
+    assert [p["path"] for p in ing["spec"]["rules"][0]["http"]["paths"]] == ["/v1", "/docs"]
+
+
+# ---------- scheduling ----------
+
+@pytest.mark.parametrize("case", ["one-gpu-node", "multi-gpu-postgresql", "everything"])
+def test_serving_outranks_training(helm, case):
+    docs = render_case(helm, case)
+    classes = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PriorityClass"}
+    seen = set()
+    for obj, tpl in pod_templates(docs):
+        comp = component(tpl["metadata"]["labels"])
+        name = tpl["spec"].get("priorityClassName")
+        assert name in classes, f"{obj['kind']}/{obj['metadata']['name']} has priorityClassName {name}"
+        seen.add(comp)
+        tier = "training" if comp in ("training", "reembed") else "serving"
+        assert classes[name]["metadata"]["name"].endswith(f"-{tier}"), (comp, name)
+    assert {"gateway", "triton"} <= seen and seen & {"training", "reembed"}
+    serving = next(c for n, c in classes.items() if n.endswith("-serving"))
+    training = next(c for n, c in classes.items() if n.endswith("-training"))
+    assert serving["value"] > training["value"] and training["preemptionPolicy"] == "Never"
+    assert not serving["globalDefault"] and not training["globalDefault"]
+
+
+def test_priority_class_names_are_values(helm):
+    docs = render(helm, "--set", "training.job.enabled=true", "--set", "training.dataset.existingClaim=d",
+                  "--set", "gateway.priorityClassName=serving-high", "--set", "triton.priorityClassName=gpu-serving",
+                  "--set", "training.priorityClassName=batch-low")
+    assert not [d for d in docs if d["kind"] == "PriorityClass"]
+    names = {component(tpl["metadata"]["labels"]): tpl["spec"]["priorityClassName"] for _, tpl in pod_templates(docs)}
+    assert names == {"gateway": "serving-high", "triton": "gpu-serving", "reembed": "batch-low"}
+    assert not [tpl for _, tpl in pod_templates(render_case(helm, "default")) if "priorityClassName" in tpl["spec"]]
+
+
+def _claims(pod: dict) -> set[str]:
+    return {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"].get("volumes", [])
+            if "persistentVolumeClaim" in v}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_read_write_once_volumes_are_not_shared_across_nodes(helm, case):
+    """A ReadWriteOnce claim mounted by pods of several workloads: all but Triton's are pinned to
+    Triton's node (or the claim is the Triton-free gallery of one gateway)."""
+    docs = render_case(helm, case)
+    rwo = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"
+           and not {"ReadWriteMany", "ReadOnlyMany"} & set(d["spec"]["accessModes"])}
+    triton = one(docs, "Deployment", "-triton")["spec"]["template"]
+    for claim in rwo:
+        users = [(obj, tpl) for obj, tpl in pod_templates(docs) if claim in _claims(tpl)]
+        if len({obj["metadata"]["name"] for obj, _ in users}) < 2:
+            continue
+        assert claim in _claims(triton), claim
+        for obj, tpl in users:
+            if tpl is triton:
+                continue
+            terms = tpl["spec"].get("affinity", {}).get("podAffinity", {}).get(
+                "requiredDuringSchedulingIgnoredDuringExecution", [])
+            assert any(t["topologyKey"] == "kubernetes.io/hostname" and
+                       selector_matches(t["labelSelector"], triton["metadata"]["labels"]) for t in terms), \
+                f"{obj['kind']}/{obj['metadata']['name']} shares ReadWriteOnce {claim} with Triton unpinned"
+    if case == "one-gpu-node":
+        gw = one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]
+        assert "models" in {v["name"] for v in gw["volumes"]} and gw.get("affinity")
+        # pinned to a tainted GPU node: it tolerates the taint Triton tolerates
+        assert any(t["key"] == GPU for t in gw["tolerations"])
+
+
+# ---------- the database ----------
+
+@pytest.mark.parametrize("password", [None, "p@ss/w%rd:x?#&y"])
+def test_database_url_carries_no_password(helm, password):
+    args = ["--set", "database.mode=postgresql", "--set", "gateway.replicaCount=2"]
+    if password:
+        args += ["--set-string", f"database.postgresql.password={password}"]
+    docs = render(helm, *args)
+    secret = one(docs, "Secret", "-postgresql")
+    stored = base64.b64decode(secret["data"]["password"]).decode()
+    if password:
+        assert stored == password
+    else:
+        assert re.fullmatch(r"[A-Za-z0-9]{32}", stored)
+    for _, _, c, _ in containers(docs):
+        env = {e["name"]: e for e in c.get("env", [])}
+        if "CDFACE_SERVE_DATABASE_URL" in env:
+            url = env["CDFACE_SERVE_DATABASE_URL"]["value"]
+            assert url == "postgresql://cdface@faces-cdface-postgresql:5432/cdface", url
+            assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"],
+                                                                      "key": "password"}
+    text = _render(helm, tuple(args))[0]
+    assert stored not in text.replace(secret["data"]["password"], "")  # only in the Secret, base64-encoded
+    existing = render(helm, "--set", "database.mode=postgresql", "--set", "database.postgresql.existingSecret=pg")
+    assert not [d for d in existing if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-postgresql")]
+    gw = one(existing, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in gw["env"]}
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "pg", "key": "password"}
+
+
+def test_in_chart_postgresql(helm):
+    docs = render_case(helm, "multi-gpu-postgresql")
+    sts = one(docs, "StatefulSet", "-postgresql")
+    pod = sts["spec"]["template"]["spec"]
+    image = pod["containers"][0]["image"]
+    assert re.fullmatch(r"docker\.io/library/postgres:1[67]\.\d+-\w+", image), image
+    shm = {v["name"]: v for v in pod["volumes"]}["dshm"]
+    assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+    pdb = one(docs, "PodDisruptionBudget", "-postgresql")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert selector_matches(pdb["spec"]["selector"], sts["spec"]["template"]["metadata"]["labels"])
+    assert not [d for d in docs if d["kind"] == "CronJob" and d["metadata"]["name"].endswith("-backup")]
+
+
+def test_postgresql_backup(helm):
+    docs = render(helm, "-f", str(EXAMPLES / "multi-gpu-postgresql.yaml"),
+                  "--set", "database.postgresql.backup.enabled=true")
+    cron = one(docs, "CronJob", "-postgresql-backup")
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    assert "pg_dump" in c["command"][2] and "-Fc" in c["command"][2]
+    done = subprocess.run(["sh", "-n"], input=c["command"][2], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    env = {e["name"]: e for e in c["env"]}
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "password"
+    one(docs, "PersistentVolumeClaim", "-postgresql-backup")
+    policy = one(docs, "NetworkPolicy", "-postgresql")
+    assert allowed(policy, pod["metadata"]["labels"], 5432)
+    assert not allowed(one(docs, "NetworkPolicy", "-triton"), pod["metadata"]["labels"], 8001)
+    done = run_helm(helm, "template", "x", str(CHART), "--set", "database.postgresql.backup.enabled=true")
+    assert done.returncode != 0 and "database.mode=postgresql" in done.stderr

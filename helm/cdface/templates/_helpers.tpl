@@ -73,17 +73,82 @@ imagePullSecrets:
 {{- define "cdface.gateway.fullname" -}}{{ include "cdface.fullname" . }}-gateway{{- end }}
 {{- define "cdface.postgresql.fullname" -}}{{ include "cdface.fullname" . }}-postgresql{{- end }}
 
-{{/* The gRPC endpoint the gateway and the re-embedding job call. */}}
+{{/* The gRPC target the gateway and the re-embedding job dial: the headless Service, through
+     gRPC's DNS resolver, so the client sees every ready Triton pod and balances round-robin over
+     them (a channel to the ClusterIP is a single connection, pinned by kube-proxy to one pod). */}}
+{{- define "cdface.triton.grpcService" -}}{{ include "cdface.triton.fullname" . }}-grpc{{- end }}
+
 {{- define "cdface.triton.grpcAddress" -}}
-{{ include "cdface.triton.fullname" . }}:8001
+{{- printf "dns:///%s.%s.svc.%s:8001" (include "cdface.triton.grpcService" .) .Release.Namespace .Values.clusterDomain }}
 {{- end }}
 
 {{- define "cdface.modelRepository.claimName" -}}
 {{- default (printf "%s-models" (include "cdface.fullname" .)) .Values.triton.modelRepository.pvc.existingClaim }}
 {{- end }}
 
+{{- define "cdface.engineCache.claimName" -}}
+{{- default (printf "%s-engine-cache" (include "cdface.fullname" .)) .Values.triton.tensorrt.engineCache.pvc.existingClaim }}
+{{- end }}
+
 {{- define "cdface.checkpoints.claimName" -}}
 {{- default (printf "%s-checkpoints" (include "cdface.fullname" .)) .Values.training.checkpoints.existingClaim }}
+{{- end }}
+
+{{/* True (non-empty) when the model repository is a volume that attaches to one node only
+     (neither ReadWriteMany nor ReadOnlyMany): every other pod that mounts it must then run on
+     the node running Triton. */}}
+{{- define "cdface.modelRepository.singleNode" -}}
+{{- $m := .Values.triton.modelRepository }}
+{{- if and (eq $m.source "pvc") (not (has "ReadWriteMany" $m.pvc.accessModes)) (not (has "ReadOnlyMany" $m.pvc.accessModes)) }}true{{- end }}
+{{- end }}
+
+{{/* A pod's affinity: the user's, plus (with "pin") a required pod affinity to a Triton pod on the
+     same node. Call with (dict "ctx" $ "affinity" AFFINITY "pin" BOOL); renders "affinity: ..."
+     or nothing. */}}
+{{- define "cdface.affinity" -}}
+{{- $aff := deepCopy (default (dict) .affinity) }}
+{{- if .pin }}
+{{- $pa := deepCopy (default (dict) (index $aff "podAffinity")) }}
+{{- $req := default (list) (index $pa "requiredDuringSchedulingIgnoredDuringExecution") }}
+{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (include "cdface.selectorLabels" (dict "ctx" .ctx "component" "triton") | fromYaml)) }}
+{{- $_ := set $pa "requiredDuringSchedulingIgnoredDuringExecution" (append $req $term) }}
+{{- $_ := set $aff "podAffinity" $pa }}
+{{- end }}
+{{- with $aff -}}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* "priorityClassName: NAME" or nothing. Call with (dict "ctx" $ "name" VALUE "tier" "serving"|"training"). */}}
+{{- define "cdface.priorityClassName" -}}
+{{- if .name -}}
+priorityClassName: {{ .name }}
+{{- else if .ctx.Values.priorityClasses.create -}}
+priorityClassName: {{ include "cdface.priorityClass.fullname" (dict "ctx" .ctx "tier" .tier) }}
+{{- end }}
+{{- end }}
+
+{{/* PriorityClasses are cluster-scoped: the namespace keeps two releases' names apart. */}}
+{{- define "cdface.priorityClass.fullname" -}}
+{{- printf "%s-%s-%s" .ctx.Release.Namespace (include "cdface.fullname" .ctx) .tier }}
+{{- end }}
+
+{{/* The gateway's request body limit in bytes (gateway.settings.max_request_bytes). */}}
+{{- define "cdface.gateway.maxRequestBytes" -}}
+{{- $v := index .Values.gateway.settings "max_request_bytes" }}
+{{- if kindIs "invalid" $v }}20971520{{ else }}{{ int64 $v }}{{ end }}
+{{- end }}
+
+{{/* uvicorn's graceful shutdown: what is left of the grace period after the preStop sleep. */}}
+{{- define "cdface.gateway.gracefulTimeout" -}}
+{{- $g := .Values.gateway }}
+{{- sub (sub (int $g.terminationGracePeriodSeconds) (int $g.preStopSleepSeconds)) (int $g.shutdownMarginSeconds) }}
+{{- end }}
+
+{{- define "cdface.triton.exitTimeout" -}}
+{{- $t := .Values.triton }}
+{{- sub (sub (int $t.terminationGracePeriodSeconds) (int $t.preStopSleepSeconds)) 5 }}
 {{- end }}
 
 {{/* True (non-empty) when any retraining object renders. */}}
@@ -156,14 +221,15 @@ imagePullSecrets:
   value: {{ .Values.database.sqlite.path | quote }}
 {{- else if eq .Values.database.mode "postgresql" }}
 {{- $pg := .Values.database.postgresql }}
+# libpq (and psycopg over it) reads the password from PGPASSWORD: the URL carries none, so no
+# character of the password (@ / % :) can break it, and it never sits in a literal.
 - name: PGPASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ include "cdface.postgresql.secretName" . }}
       key: password
-# Kubernetes substitutes $(PGPASSWORD) from the variable above: the password never sits in a literal.
 - name: CDFACE_SERVE_DATABASE_URL
-  value: {{ printf "postgresql://%s:$(PGPASSWORD)@%s:5432/%s" $pg.username (include "cdface.postgresql.fullname" .) $pg.database | quote }}
+  value: {{ printf "postgresql://%s@%s:5432/%s" $pg.username (include "cdface.postgresql.fullname" .) $pg.database | quote }}
 {{- else }}
 - name: CDFACE_SERVE_DATABASE_URL
   valueFrom:
@@ -187,6 +253,9 @@ imagePullSecrets:
   value: {{ .Values.gateway.port | quote }}
 - name: CDFACE_SERVE_LOG_LEVEL
   value: {{ .Values.gateway.logLevel | quote }}
+# uvicorn's timeout_graceful_shutdown: the grace period less the preStop sleep and a margin.
+- name: CDFACE_SERVE_GRACEFUL_TIMEOUT_S
+  value: {{ include "cdface.gateway.gracefulTimeout" . | quote }}
 # An admin key the gateway registers (hashed) at start, so there is a way in on a fresh database.
 - name: CDFACE_SERVE_BOOTSTRAP_ADMIN_KEY
   valueFrom:
@@ -196,11 +265,17 @@ imagePullSecrets:
       optional: true
 {{- range $k, $v := .Values.gateway.settings }}
 - name: {{ printf "CDFACE_SERVE_%s" ($k | upper) }}
-  value: {{ $v | toString | quote }}
+  {{- /* YAML numbers arrive as floats: write whole ones as integers (20971520, not 2.097152e+07). */}}
+  value: {{ include "cdface.envValue" $v | quote }}
 {{- end }}
 {{- with .Values.gateway.extraEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/* A setting's value as an environment string: whole numbers without an exponent. */}}
+{{- define "cdface.envValue" -}}
+{{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) }}{{ int64 . }}{{ else }}{{ toString . }}{{ end }}
 {{- end }}
 
 {{/* Volumes the gateway code needs wherever it runs: the model repository (read-only, for the
@@ -274,5 +349,49 @@ imagePullSecrets:
 {{- end }}
 {{- if and .Values.gateway.pdb.enabled (not (or (kindIs "invalid" $g.pdb.minAvailable) (kindIs "invalid" $g.pdb.maxUnavailable))) }}
 {{- fail "gateway.pdb: set minAvailable or maxUnavailable, not both" }}
+{{- end }}
+{{- $pgPdb := .Values.database.postgresql.pdb }}
+{{- if and $pgPdb.enabled (not (or (kindIs "invalid" $pgPdb.minAvailable) (kindIs "invalid" $pgPdb.maxUnavailable))) }}
+{{- fail "database.postgresql.pdb: set minAvailable or maxUnavailable, not both" }}
+{{- end }}
+{{- /* API keys off is a decision, never a slip: schema and template both refuse it without gateway.insecure. */}}
+{{- $noAuth := false }}
+{{- if hasKey $g.settings "auth" }}
+{{- if has (lower (toString (index $g.settings "auth"))) (list "false" "0" "off" "f" "n" "no") }}{{ $noAuth = true }}{{ end }}
+{{- end }}
+{{- range $g.extraEnv }}
+{{- if and (eq .name "CDFACE_SERVE_AUTH") (has (lower (toString (default "true" .value))) (list "false" "0" "off" "f" "n" "no")) }}{{ $noAuth = true }}{{ end }}
+{{- end }}
+{{- if and $noAuth (not $g.insecure) }}
+{{- fail "gateway.settings.auth=false turns API keys off (anyone who reaches the gateway may enrol, delete and identify): set gateway.insecure=true to mean it" }}
+{{- end }}
+{{- if lt (int (include "cdface.gateway.gracefulTimeout" .)) 1 }}
+{{- fail "gateway.terminationGracePeriodSeconds must exceed preStopSleepSeconds + shutdownMarginSeconds (the rest is uvicorn's graceful shutdown)" }}
+{{- end }}
+{{- if lt (int (include "cdface.triton.exitTimeout" .)) 1 }}
+{{- fail "triton.terminationGracePeriodSeconds must exceed preStopSleepSeconds + 5 (the rest is Triton's --exit-timeout-secs)" }}
+{{- end }}
+{{- if and $g.autoscaling.enabled (gt (int $g.autoscaling.minReplicas) (int $g.autoscaling.maxReplicas)) }}
+{{- fail "gateway.autoscaling: minReplicas exceeds maxReplicas" }}
+{{- end }}
+{{- $ta := .Values.triton.autoscaling }}
+{{- if and $ta.enabled (gt (int $ta.minReplicas) (int $ta.maxReplicas)) }}
+{{- fail "triton.autoscaling: minReplicas exceeds maxReplicas" }}
+{{- end }}
+{{- if and $ta.enabled (eq $ta.provider "keda") (not $ta.keda.serverAddress) }}
+{{- fail "triton.autoscaling.provider=keda needs triton.autoscaling.keda.serverAddress (the Prometheus that scrapes Triton)" }}
+{{- end }}
+{{- $cache := .Values.triton.tensorrt.engineCache }}
+{{- if and .Values.triton.tensorrt.enabled (eq $cache.type "hostPath") (not $cache.hostPath) }}
+{{- fail "triton.tensorrt.engineCache.type=hostPath needs triton.tensorrt.engineCache.hostPath" }}
+{{- end }}
+{{- if and .Values.training.multiNode.enabled (not .Values.training.dataset.existingClaim) }}
+{{- fail "training.multiNode trains: it needs training.dataset.existingClaim (the volume holding the training data)" }}
+{{- end }}
+{{- if and .Values.priorityClasses.create (le (int .Values.priorityClasses.servingValue) (int .Values.priorityClasses.trainingValue)) }}
+{{- fail "priorityClasses: servingValue must exceed trainingValue (serving outranks retraining)" }}
+{{- end }}
+{{- if and .Values.database.postgresql.backup.enabled (ne .Values.database.mode "postgresql") }}
+{{- fail "database.postgresql.backup dumps the in-chart PostgreSQL: it needs database.mode=postgresql (back an external database up where it runs)" }}
 {{- end }}
 {{- end }}

@@ -113,39 +113,52 @@ initContainers:
 {{- end }}
 containers:
   {{- include "cdface.training.container" (dict "ctx" $ctx "step" (last $steps) "runId" $runId) | nindent 2 }}
-{{ include "cdface.training.volumes" $ctx }}
-{{- include "cdface.training.scheduling" $ctx }}
+{{ include "cdface.training.volumes" (dict "ctx" $ctx "steps" $steps) }}
+{{- include "cdface.training.scheduling" (dict "ctx" $ctx "steps" $steps) }}
 {{- end }}
 
+{{/* The volumes of a pod running STEPS (a list): exactly what its containers mount, so a pod never
+     waits on a claim it does not use (a training-only PyTorchJob pod needs the data, not the model
+     repository). Call with (dict "ctx" $ "steps" LIST). */}}
 {{- define "cdface.training.volumes" -}}
-{{- $tr := .Values.training }}
+{{- $tr := .ctx.Values.training }}
 volumes:
   - name: scripts
     configMap:
-      name: {{ include "cdface.fullname" . }}-training-scripts
-  - name: checkpoints
-    persistentVolumeClaim:
-      claimName: {{ include "cdface.checkpoints.claimName" . }}
-  - name: models
-    persistentVolumeClaim:
-      claimName: {{ include "cdface.modelRepository.claimName" . }}
-  {{- if $tr.steps.train }}
+      name: {{ include "cdface.fullname" .ctx }}-training-scripts
+  {{- if has "train" .steps }}
   - name: data
     persistentVolumeClaim:
       claimName: {{ $tr.dataset.existingClaim }}
       readOnly: true
-  {{- end }}
   - name: dshm
     emptyDir:
       medium: Memory
       sizeLimit: {{ $tr.shmSize }}
+  {{- end }}
+  {{- if or (has "train" .steps) (has "publish" .steps) }}
+  - name: checkpoints
+    persistentVolumeClaim:
+      claimName: {{ include "cdface.checkpoints.claimName" .ctx }}
+  {{- end }}
+  {{- if or (has "publish" .steps) (has "reembed" .steps) }}
+  - name: models
+    persistentVolumeClaim:
+      claimName: {{ include "cdface.modelRepository.claimName" .ctx }}
+  {{- end }}
   - name: tmp
     emptyDir:
       sizeLimit: 20Gi
 {{- end }}
 
+{{/* Where a pod running STEPS may run: training's node selection, its priority class, and (when the
+     model repository attaches to one node only) the node running Triton for pods that mount it.
+     Call with (dict "ctx" $ "steps" LIST). */}}
 {{- define "cdface.training.scheduling" -}}
-{{- $tr := .Values.training }}
+{{- $tr := .ctx.Values.training }}
+{{- with (include "cdface.priorityClassName" (dict "ctx" .ctx "name" $tr.priorityClassName "tier" "training")) }}
+{{ . }}
+{{- end }}
 {{- with $tr.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
@@ -154,8 +167,7 @@ nodeSelector:
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with $tr.affinity }}
-affinity:
-  {{- toYaml . | nindent 2 }}
+{{- with (include "cdface.affinity" (dict "ctx" .ctx "affinity" $tr.affinity "pin" (and (or (has "publish" .steps) (has "reembed" .steps)) (include "cdface.modelRepository.singleNode" .ctx)))) }}
+{{ . }}
 {{- end }}
 {{- end }}
