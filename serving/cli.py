@@ -59,7 +59,8 @@ def serve_command(
     db: Optional[Path] = _DB,
     model_repository: Optional[Path] = typer.Option(None, "--model-repository", help="Triton model repository."),
     model: Optional[str] = typer.Option(None, "--model", help="Triton model name [default: face]."),
-    triton_url: Optional[str] = typer.Option(None, "--triton-url", help="Triton gRPC host:port."),
+    triton_url: Optional[str] = typer.Option(None, "--triton-url", help="Triton gRPC target: host:port, "
+                                             "dns:///name:port or ipv4:a:port,b:port (round-robin)."),
 ) -> None:
     """Run the HTTP gateway (settings from CDFACE_SERVE_* variables; options override them)."""
     import uvicorn
@@ -73,7 +74,7 @@ def serve_command(
     if not settings.auth:
         print("cdface: WARNING: API keys are not required (CDFACE_SERVE_AUTH=false)", file=sys.stderr)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=5, server_header=False)
+                timeout_graceful_shutdown=settings.graceful_timeout_s, server_header=False)
 
 
 @keys_app.command("create")

@@ -224,9 +224,12 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "not_ready"]
-    triton: bool
-    gallery: bool
+    status: Literal["ready", "not_ready"] = Field(
+        description="ready: the gallery is loaded and its database answers (on PostgreSQL: this replica is in "
+                    "step with the change log). Triton is not part of it.")
+    triton: bool = Field(description="Triton reports the served model ready. When false the gateway stays "
+                                     "ready; inference answers 503 model_unavailable with Retry-After.")
+    gallery: bool = Field(description="The search index is loaded.")
     model: ModelInfo
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # OpenCV documents 0.363 as SFace's cosine threshold (opencv_zoo face_recognition_sface); the
@@ -25,9 +25,20 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; empty = CORS off.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    graceful_timeout_s: int = Field(default=20, ge=0, description=(
+        "On SIGTERM: stop accepting connections, then give requests in flight this long to finish before "
+        "they are cut off (uvicorn's timeout_graceful_shutdown). Keep it below Kubernetes' "
+        "terminationGracePeriodSeconds, which ends the pod with SIGKILL."))
 
     # Triton
-    triton_url: str = Field(default="127.0.0.1:8001", description="Triton's gRPC endpoint, host:port.")
+    triton_url: str = Field(default="127.0.0.1:8001", description=(
+        "Triton's gRPC target. `host:port`: one server, one connection (behind a Kubernetes ClusterIP "
+        "Service that is one pod per gateway). `dns:///name:port`: every address the name resolves to, "
+        "each request to the next ready one (gRPC round_robin) - point it at a headless Service "
+        "(clusterIP: None) to spread one gateway's requests over all Triton pods; gRPC resolves the name "
+        "again when a connection drops, so let Triton close connections now and then "
+        "(--grpc-max-connection-age) for new pods to be found. `ipv4:10.0.0.1:8001,10.0.0.2:8001` "
+        "(or `ipv6:[::1]:8001,...`): a static list, balanced the same way."))
     model: str = Field(default="face", description="The Triton model name.")
     model_version: int | None = Field(default=None, ge=1,
                                       description="Version to serve; default: the newest in the repository.")
@@ -81,6 +92,13 @@ class Settings(BaseSettings):
     key_pepper: SecretStr | None = Field(default=None, description="Secret mixed into API-key hashes.")
     bootstrap_admin_key: SecretStr | None = Field(default=None, description="An admin API key (cdf_<id>_<secret>) "
                                                   "stored, hashed, at start if absent: a way in on a fresh database.")
+
+    @field_validator("triton_url")
+    @classmethod
+    def _grpc_target(cls, value: str) -> str:
+        from cdface.serving.triton import check_target
+
+        return check_target(value)
 
     @property
     def pepper(self) -> str | None:

@@ -8,13 +8,23 @@ touching the network, until ``breaker_reset_s`` has passed; then one probe reque
 at a second or two so a restarted server is found again quickly, without restarting the gateway.
 
 All faces of one HTTP request go to Triton as one batch (split only at the model's maximum batch).
+
+The endpoint is a gRPC target (setting ``triton_url``). ``host:port`` is one server over one connection.
+``dns:///name:port`` (every address the name resolves to, e.g. a Kubernetes headless Service) and
+``ipv4:a:port,b:port`` / ``ipv6:[a]:port,...`` (a static list) open one sub-channel per address on
+the same gRPC channel and spread requests over them with gRPC's ``round_robin`` policy: one call
+to the next ready server, so a server that is down is skipped and a retry goes to another.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import logging
+import re
 import time
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +37,80 @@ log = logging.getLogger("cdface.serving.triton")
 # gRPC status codes worth a retry: the server is (re)starting, overloaded, or the call timed out.
 _RETRYABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
               "StatusCode.CANCELLED", "StatusCode.UNKNOWN"}
+
+
+# Targets that name several servers: gRPC resolves them to a list of addresses, balanced round-robin.
+_BALANCED_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+_ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+_HOST_PORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+def balanced_target(target: str) -> bool:
+    """Whether ``target`` names several servers (``dns:``, ``ipv4:``, ``ipv6:``): balanced round-robin."""
+    return target.lower().startswith(_BALANCED_SCHEMES)
+
+
+def check_target(target: str) -> str:
+    """``target`` stripped if it is a gRPC target this client accepts; ``ValueError`` naming the forms if not.
+
+    ``host:port``; ``dns:///name:port`` (or ``dns:name:port``, ``dns://resolver/name:port``);
+    ``ipv4:addr:port[,addr:port...]``; ``ipv6:[addr]:port[,[addr]:port...]``; ``unix:path`` passes
+    through. A port is required: gRPC would otherwise pick 443, never Triton's.
+    """
+    target = target.strip()
+    forms = "host:port, dns:///name:port, ipv4:addr:port[,addr:port...] or ipv6:[addr]:port[,[addr]:port...]"
+    lower = target.lower()
+    if lower.startswith(("unix:", "unix-abstract:")) and len(target) > target.index(":") + 1:
+        return target  # a local socket: gRPC's own business
+    if lower.startswith("dns:"):
+        rest = target[4:]
+        if rest.startswith("//"):  # dns://[resolver]/name:port
+            _, _, rest = rest[2:].partition("/")
+        addresses = [rest]
+    elif lower.startswith(("ipv4:", "ipv6:")):
+        addresses = target[5:].split(",")
+    else:
+        addresses = [target]
+    for address in addresses:
+        match = _HOST_PORT.match(address)
+        if not match or not 0 < int(match.group(1)) < 65536:
+            raise ValueError(f"{target!r} is not a gRPC target with a port: use {forms}")
+        host = address[:match.start(1) - 1]
+        if lower.startswith("ipv4:"):
+            _ip(host, ipaddress.IPv4Address, target)
+        elif lower.startswith("ipv6:"):
+            if not (host.startswith("[") and host.endswith("]")):
+                raise ValueError(f"{target!r}: write IPv6 addresses in brackets, ipv6:[addr]:port")
+            _ip(host[1:-1], ipaddress.IPv6Address, target)
+    return target
+
+
+def _ip(host: str, kind: type, target: str) -> None:
+    try:
+        kind(host)
+    except ValueError:
+        raise ValueError(f"{target!r}: {host!r} is not an {kind.__name__[:4]} address") from None
+
+
+def channel_args(target: str) -> list[tuple[str, Any]]:
+    """gRPC channel options for ``target``: message sizes, quick reconnects, no gRPC-level retries (ours
+    count for the breaker), and round-robin over the addresses of a target that names several servers."""
+    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
+
+    args: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        # Find a restarted server within about a second, not gRPC's default two minutes.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.enable_retries", 0),
+    ]
+    if balanced_target(target):
+        # round_robin: a sub-channel per address, each call to the next ready one. Our config is the
+        # only one: a service config published in DNS (TXT) is not looked up.
+        args += [("grpc.service_config", _ROUND_ROBIN), ("grpc.service_config_disable_resolution", 1)]
+    return args
 
 
 class TritonUnavailable(ServingError):
@@ -100,17 +184,10 @@ class TritonEmbedder:
     def _get_client(self):
         if self._client is None:
             import tritonclient.grpc.aio as grpcclient
-            from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 
-            self._client = grpcclient.InferenceServerClient(self.url, channel_args=[
-                ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
-                ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
-                # Find a restarted server within about a second, not gRPC's default two minutes.
-                ("grpc.initial_reconnect_backoff_ms", 200),
-                ("grpc.min_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", 1000),
-                ("grpc.enable_retries", 0),
-            ])
+            # tritonclient hands the target to grpc.aio.insecure_channel as it is: dns:/// and ipv4:
+            # targets reach gRPC's resolvers, and one channel balances over all their addresses.
+            self._client = grpcclient.InferenceServerClient(self.url, channel_args=channel_args(self.url))
         return self._client
 
     @property
@@ -124,7 +201,11 @@ class TritonEmbedder:
             await client.close()
 
     async def model_ready(self, timeout_s: float = 2.0) -> bool:
-        """Whether Triton reports the served model (and version) ready; False when it does not answer."""
+        """Whether Triton reports the served model (and version) ready; False when it does not answer.
+
+        On a balanced target the question goes to one ready server (the next, round-robin); servers
+        that are down are not picked, so True means at least one server serves the model.
+        """
         from tritonclient.utils import InferenceServerException
 
         try:

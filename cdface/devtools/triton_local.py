@@ -92,10 +92,10 @@ def clean_stale_shm(min_age_s: float = 30.0) -> list[Path]:
 # --------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at ``host`` right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -117,7 +117,8 @@ class TritonServer:
 
     Ports left as ``None`` are chosen free at ``start()``. With ``explicit=True`` the server starts
     with no models loaded (or only ``load_models``) and models are loaded and unloaded at run time
-    through the model-repository API.
+    through the model-repository API. ``host`` is the IPv4 address all three endpoints bind to: two
+    servers on 127.0.0.1 and 127.0.0.2 can share the same ports, as two pods behind one DNS name do.
     """
 
     def __init__(
@@ -170,6 +171,7 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             f"--http-address={self.host}",
             f"--grpc-address={self.host}",
+            f"--metrics-address={self.host}",
             "--allow-gpu-metrics=false",
             f"--backend-config=python,shm-default-byte-size={_SHM_BYTES}",
             f"--exit-timeout-secs={_EXIT_TIMEOUT_S}",
@@ -216,7 +218,7 @@ class TritonServer:
         for given in self._ports_given:
             port = given
             while port is None or (given is None and port in chosen):
-                port = free_port()
+                port = free_port(self.host)
             chosen.add(port)
             picked.append(port)
         self.http_port, self.grpc_port, self.metrics_port = picked

@@ -31,7 +31,8 @@ async def healthz() -> s.Health:
 
 
 @router.get("/readyz", response_model=s.ReadinessOut, responses={503: {"model": s.ReadinessOut}},
-            summary="Readiness: the Triton model is ready and the gallery is loaded (and, on PostgreSQL, in step)")
+            summary="Readiness: the gallery is loaded and its database answers (on PostgreSQL: in step); "
+                    "`triton` reports the model server, which readiness does not wait for")
 async def readyz(service: ServiceDep) -> Any:
     result = await operations.readiness(service)
     body = responses.readiness(service, result)

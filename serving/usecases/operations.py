@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,26 +20,41 @@ log = logging.getLogger("cdface.serving")
 @dataclass(frozen=True)
 class Readiness:
     ready: bool
-    triton: bool  # Triton reports the served model ready
+    triton: bool  # Triton reports the served model ready (reported; readiness does not depend on it)
     gallery: bool  # the index is loaded
     sync: SyncLag | None  # on a shared store: how far this replica is behind it
 
 
+# Triton's answer is only reported: it must not hold up the probe (Kubernetes gives it a few seconds).
+TRITON_CHECK_TIMEOUT_S = 1.0
+
+
 async def readiness(service: FaceService) -> Readiness:
-    """Ready: the model is ready in Triton, the gallery is loaded, and (shared store) the replica is in step."""
-    triton = await service.embedder.model_ready()
-    ready = triton and service.gallery.loaded
-    sync = None
-    if service.follower is not None:
-        try:
-            sync = await to_thread.run_sync(service.gallery.lag)
-        except Exception as exc:  # the database does not answer: this replica cannot be trusted to be in step
-            log.warning("readiness: the gallery database does not answer: %s", exc)
-            ready = False
-        else:
-            since = sync.seconds_since_sync
-            ready = ready and since is not None and since <= service.settings.sync_stale_s
+    """Ready: the gallery is loaded, the store answers and (shared store) the replica is in step.
+
+    Triton is not part of it: when Triton is away every gateway would otherwise leave the Service at
+    once, and listings, deletions and key checks, which need no model, would fail with it. Inference
+    answers 503 ``model_unavailable`` + Retry-After meanwhile; ``triton`` says whether the model is ready.
+    """
+    triton, (store_ok, sync) = await asyncio.gather(
+        service.embedder.model_ready(TRITON_CHECK_TIMEOUT_S), to_thread.run_sync(_store_state, service))
+    ready = service.gallery.loaded and store_ok
+    if sync is not None:
+        since = sync.seconds_since_sync
+        ready = ready and since is not None and since <= service.settings.sync_stale_s
     return Readiness(ready, triton, service.gallery.loaded, sync)
+
+
+def _store_state(service: FaceService) -> tuple[bool, SyncLag | None]:
+    """Whether the store answers, and (shared store) this replica's lag behind it."""
+    try:
+        if service.follower is not None:
+            return True, service.gallery.lag()  # reads the store's change log: an answer
+        service.store.check()
+        return True, None
+    except Exception as exc:  # the database does not answer: this gateway cannot serve the gallery
+        log.warning("readiness: the gallery database does not answer: %s", exc)
+        return False, None
 
 
 @dataclass(frozen=True)

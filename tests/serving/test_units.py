@@ -70,3 +70,82 @@ def test_settings_from_environment_with_secrets_masked(monkeypatch):
     shown = settings.describe()
     assert shown["port"] == 9001 and shown["key_pepper"] == "**********" and "s3cret" not in str(shown)
     assert settings.cors_origins == [] and settings.auth is True
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:8001", "triton.ns.svc.cluster.local:8001", "[::1]:8001",
+                                    "dns:///triton-headless.ns.svc.cluster.local:8001", "dns:triton:8001",
+                                    "dns://10.0.0.10/triton:8001", "ipv4:127.0.0.1:8001,127.0.0.2:8001",
+                                    "ipv6:[::1]:8001,[fe80::1]:9001", "unix:/run/triton.sock"])
+def test_grpc_targets_are_accepted(target):
+    assert Settings(triton_url=f" {target} ").triton_url == target
+
+
+@pytest.mark.parametrize("target", ["", "triton", "http://triton:8001", "dns:///triton", "ipv4:127.0.0.1",
+                                    "ipv4:127.0.0.1:8001,triton:8001", "ipv4:300.0.0.1:8001", "ipv6:::1:8001",
+                                    "triton:0", "triton:70000", "a b:8001"])
+def test_grpc_targets_without_a_port_or_malformed_are_refused(target):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="triton_url"):
+        Settings(triton_url=target)
+
+
+def test_targets_naming_several_servers_are_balanced_round_robin():
+    import json
+
+    from cdface.serving.triton import balanced_target, channel_args
+
+    def lb(target: str):
+        args = dict(channel_args(target))
+        config = args.get("grpc.service_config")
+        return json.loads(config)["loadBalancingConfig"] if config else None
+
+    assert lb("dns:///triton-headless:8001") == [{"round_robin": {}}]
+    assert lb("ipv4:127.0.0.1:8001,127.0.0.2:8001") == [{"round_robin": {}}]
+    assert lb("ipv6:[::1]:8001") == [{"round_robin": {}}]
+    assert lb("triton:8001") is None and not balanced_target("dns-cache:8001")  # one server: gRPC's default
+    assert dict(channel_args("dns:///t:8001"))["grpc.max_reconnect_backoff_ms"] == 1000  # quick reconnects kept
+
+
+def test_serve_passes_the_graceful_timeout_to_uvicorn(monkeypatch, tmp_path):
+    import uvicorn
+
+    from cdface.serving.cli import serve_command
+
+    seen: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(kwargs))
+    monkeypatch.setenv("CDFACE_SERVE_GRACEFUL_TIMEOUT_S", "45")
+    serve_command(host=None, port=None, db=tmp_path / "g.db", model_repository=None, model=None, triton_url=None)
+    assert seen["timeout_graceful_shutdown"] == 45
+    monkeypatch.delenv("CDFACE_SERVE_GRACEFUL_TIMEOUT_S")
+    assert Settings().graceful_timeout_s == 20
+
+
+def test_readiness_follows_the_gallery_and_its_database_not_triton(tmp_path):
+    """Issue 12: with no Triton at all the gateway is ready once its gallery is loaded and the store
+    answers; a store that stops answering makes it unready."""
+    from types import SimpleNamespace
+
+    from cdface.devtools.triton_local import free_port
+    from cdface.serving.gallery import Gallery
+    from cdface.serving.store import ModelKey, SQLiteStore
+    from cdface.serving.usecases.operations import readiness
+
+    store = SQLiteStore(tmp_path / "gallery.db")
+    gallery = Gallery(store, ModelKey("sface", 1), 16)
+    embedder = TritonEmbedder(f"127.0.0.1:{free_port()}", "face", 1, dim=16)  # nothing listens there
+    service = SimpleNamespace(settings=Settings(), store=store, gallery=gallery, follower=None, embedder=embedder)
+
+    async def go():
+        loading = await readiness(service)
+        gallery.load()
+        loaded = await readiness(service)
+        store.close()
+        gone = await readiness(service)
+        await embedder.close()
+        return loading, loaded, gone
+
+    loading, loaded, gone = asyncio.run(go())
+    assert not loading.ready and not loading.gallery
+    assert loaded.ready and loaded.gallery and not loaded.triton
+    assert not gone.ready and gone.gallery
