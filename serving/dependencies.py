@@ -20,7 +20,7 @@ from starlette.formparsers import MultiPartException
 from cdface.serving import schemas as s
 from cdface.serving.auth import authorize
 from cdface.serving.errors import InvalidRequest
-from cdface.serving.http_errors import validation_message
+from cdface.serving.http_errors import invalid_request
 from cdface.serving.metrics import Metrics
 from cdface.serving.service import FaceService
 from cdface.serving.settings import Settings
@@ -78,12 +78,6 @@ class ParsedBody(Generic[R]):
     images: list[ImageIn]  # its images, in request order
 
 
-def _invalid(exc: ValidationError) -> InvalidRequest:
-    if any(e.get("type") == "json_invalid" for e in exc.errors()):
-        return InvalidRequest("the request body is not valid JSON", code="malformed_json")
-    return InvalidRequest(validation_message(exc.errors()))
-
-
 def json_or_form(model: type[R], from_form: FormReader) -> Any:
     """A route dependency: the body as ``model``, from JSON or (``from_form`` reads the fields) multipart."""
 
@@ -96,7 +90,7 @@ def json_or_form(model: type[R], from_form: FormReader) -> Any:
             try:
                 req = model.model_validate_json(body)
             except ValidationError as exc:
-                raise _invalid(exc) from None
+                raise invalid_request(exc.errors()) from None
             payloads: list[bytes | str] = [image.data for image in req.image_inputs()]
         elif content_type == "multipart/form-data":
             try:
@@ -108,7 +102,7 @@ def json_or_form(model: type[R], from_form: FormReader) -> Any:
                 raw, files = await from_form(form)
                 req = model.model_validate(raw)
             except ValidationError as exc:
-                raise _invalid(exc) from None
+                raise invalid_request(exc.errors()) from None
             finally:
                 await form.close()
             payloads = list(files)

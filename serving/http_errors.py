@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cdface.core.imaging import ImageError
-from cdface.serving.errors import ServingError
+from cdface.serving.errors import InvalidRequest, ServingError
 from cdface.serving.schemas import ErrorResponse
 
 log = logging.getLogger("cdface.serving")
@@ -78,6 +78,14 @@ def validation_message(errors: Iterable[Any]) -> str:
     return "; ".join(parts) or "the request is invalid"
 
 
+def invalid_request(errors: Iterable[Any]) -> InvalidRequest:
+    """The error for a body that fails validation: malformed JSON (400) or a rule broken (422), on every route."""
+    errors = list(errors)
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return InvalidRequest("the request body is not valid JSON", code="malformed_json")
+    return InvalidRequest(validation_message(errors))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def domain(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, (ServingError, ImageError))
@@ -88,7 +96,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_request", validation_message(exc.errors()))
+        return response_for(invalid_request(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

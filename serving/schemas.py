@@ -120,6 +120,13 @@ class IdentifyRequest(ImageRequest):
     top_k: int = Field(5, ge=1, le=100)
     far: float | None = Field(None, gt=0, lt=1)
 
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # JSON true would otherwise count as 1
+            raise ValueError("top_k must be an integer, not a boolean")
+        return value
+
     def image_inputs(self) -> list[ImageInput]:
         return [self.image]
 

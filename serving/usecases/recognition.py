@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from cdface.serving.service import FaceService
 
 
+def cosine(value: float) -> float:
+    """A similarity of unit vectors as reported: float rounding can step past +-1; it never may."""
+    return min(1.0, max(-1.0, float(value)))
+
+
 @dataclass(frozen=True)
 class Decision:
     """The threshold a request is decided with, where it comes from, and the FAR it is for (when known)."""
@@ -84,9 +89,9 @@ async def verify(service: FaceService, image: ImageIn, other: ImageIn | None, id
         if enrolled.size == 0:
             raise InvalidRequest(f"identity {identity_id!r} has no faces made by the served model "
                                  f"{service.model_key}", code="identity_has_no_faces")
-        similarity = float((enrolled @ vectors[0]).max())
+        similarity = cosine((enrolled @ vectors[0]).max())
     else:
-        similarity = float(vectors[0] @ vectors[1])
+        similarity = cosine(vectors[0] @ vectors[1])
     return Verification(decision, similarity, decision.accepts(similarity), identity_id, faces)
 
 
@@ -122,7 +127,8 @@ async def identify(service: FaceService, image: ImageIn, top_k: int, far: float 
     identities = await to_thread.run_sync(service.store.identities_by_id, [c.identity_id for row in hits for c in row])
     faces = []
     for face, row in zip(found, hits):
-        candidates = [Candidate(identities[c.identity_id], c.face_id, c.similarity, decision.accepts(c.similarity))
+        candidates = [Candidate(identities[c.identity_id], c.face_id, cosine(c.similarity),
+                                decision.accepts(cosine(c.similarity)))
                       for c in row if c.identity_id in identities]  # not those deleted since the search
         faces.append(IdentifiedFace(face, candidates, candidates[0] if candidates and candidates[0].match else None))
     return Identification(decision, faces)

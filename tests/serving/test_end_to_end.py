@@ -112,3 +112,19 @@ def test_aligned_crop_mode_and_identity_crud(gateway, photos, enrolled):
         assert len(faces) == 1 and faces[0]["model"] == "sface:1"
         status = c.get("/v1/gallery").json()
         assert status["consistent"] and status["faces_indexed"] == status["store_faces"]
+
+
+def test_similarity_of_a_face_with_itself_is_at_most_one(gateway, photos):
+    # Unit vectors' dot products can round past 1 (1.0000001 was seen); the API reports cosines.
+    crop = {"data": b64(photos["tom_hanks_aligned"]), "mode": "aligned"}
+    with gateway.client("admin") as c:
+        same = c.post("/v1/verify", json={"image": crop, "other": crop})
+        assert same.status_code == 200, same.text
+        assert same.json()["match"] is True and 0.999 <= same.json()["similarity"] <= 1.0
+        person = c.post("/v1/identities", json={}).json()["id"]
+        assert c.post(f"/v1/identities/{person}/faces", json={"images": [crop]}).status_code == 201
+        found = c.post("/v1/identify", json={"image": crop, "top_k": 3})
+        assert found.status_code == 200, found.text
+        assert all(-1.0 <= cand["similarity"] <= 1.0 for cand in found.json()["faces"][0]["candidates"])
+        assert found.json()["faces"][0]["candidates"][0]["similarity"] >= 0.999
+        assert c.delete(f"/v1/identities/{person}").status_code == 204
