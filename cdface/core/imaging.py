@@ -35,8 +35,12 @@ class ImageError(CdfaceError):
 
 
 def decode_image(data: bytes, *, max_bytes: int | None = None, max_pixels: int | None = None,
-                 what: str = "image", size: int | None = None) -> np.ndarray:
-    """Decode ``data`` to an H x W x 3 uint8 RGB array (``size``: resized to size x size, bilinear)."""
+                 what: str = "image", size: int | None = None, aligned: bool = False) -> np.ndarray:
+    """Decode ``data`` to an H x W x 3 uint8 RGB array (``size``: resized to size x size, bilinear).
+
+    ``aligned``: the image must be an aligned INPUT_SIZE x INPUT_SIZE crop, checked from the header
+    before a pixel is decoded (a small file can declare tens of megapixels).
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
@@ -54,6 +58,9 @@ def decode_image(data: bytes, *, max_bytes: int | None = None, max_pixels: int |
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageError("corrupt_image", f"the {what} cannot be read ({_short(exc)})") from None
         width, height = img.size
+        if aligned and (width, height) != (INPUT_SIZE, INPUT_SIZE):
+            raise ImageError("not_aligned_crop", f"mode 'aligned' needs a {INPUT_SIZE}x{INPUT_SIZE} crop; the {what} "
+                             f"is {width}x{height}")
         if max_pixels is not None and width * height > max_pixels:
             raise ImageError("image_too_many_pixels",
                              f"the {what} is {width}x{height} pixels; the limit is {max_pixels} pixels")

@@ -67,7 +67,7 @@ async def find_faces(service: FaceService, images: Sequence[ImageIn]) -> list[Fo
             data = _from_base64(image.data, what, settings.max_image_bytes) if isinstance(image.data, str) \
                 else image.data
             rgb = decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
-                               what=what)
+                               what=what, aligned=image.mode == "aligned")
             crops = extract_faces(rgb, image.mode, detector=service.detector, landmarks=image.landmarks,
                                   max_faces=settings.max_faces_per_image, min_face_size=image.min_face_size,
                                   min_score=image.min_score)

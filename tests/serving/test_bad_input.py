@@ -93,6 +93,9 @@ def corpus(photos):
          "invalid_landmarks"),
         ("aligned mode, not 112x112", "post", "/v1/embeddings", {"json": img(obama, mode="aligned")}, 422,
          "not_aligned_crop"),
+        # 36 megapixels declared in a few bytes: refused from the header (decoding would say corrupt_image).
+        ("aligned mode, 6000x6000 header", "post", "/v1/embeddings",
+         {"json": img(_huge_png(6000, 6000), mode="aligned")}, 422, "not_aligned_crop"),
         ("unknown mode", "post", "/v1/embeddings", {"json": img(obama, mode="guess")}, 422, "invalid_request"),
         ("no images", "post", "/v1/embeddings", {"json": {"images": []}}, 422, "invalid_request"),
         ("unknown field", "post", "/v1/embeddings", {"json": {"images": [], "colour": "blue"}}, 422, "invalid_request"),
