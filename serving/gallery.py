@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cdface.core.matching import cosine
 from cdface.serving.index import FaceIndex, IndexSpec
 from cdface.serving.store import Face, GalleryStore, ModelKey, NewFace
 
@@ -183,7 +184,7 @@ class Gallery:
                     if identity_id is None:  # padding, or deleted while this search ran
                         continue
                     if identity_id not in best:
-                        best[identity_id] = Candidate(identity_id, face_id, float(score))
+                        best[identity_id] = Candidate(identity_id, face_id, cosine(score))
                 out.append(sorted(best.values(), key=lambda c: -c.similarity)[:top_k])
         return out
 

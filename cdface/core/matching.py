@@ -16,6 +16,11 @@ MATCH_RULE = "accept when cosine similarity > threshold"
 Score = TypeVar("Score", float, np.ndarray)
 
 
+def cosine(similarity: float) -> float:
+    """A similarity of unit vectors as reported: float rounding can step past +-1; a cosine never may."""
+    return min(1.0, max(-1.0, float(similarity)))
+
+
 def is_match(similarity: Score, threshold: float) -> Score:
     """True where ``similarity > threshold`` (strictly: a score equal to the threshold is rejected)."""
     return similarity > threshold

@@ -13,18 +13,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from anyio import to_thread
 
-from cdface.core.matching import is_match
+from cdface.core.matching import cosine, is_match
 from cdface.serving.errors import InvalidRequest
 from cdface.serving.store import Identity
 from cdface.serving.usecases.images import FoundFace, ImageIn, embed_faces, find_faces
 
 if TYPE_CHECKING:
     from cdface.serving.service import FaceService
-
-
-def cosine(value: float) -> float:
-    """A similarity of unit vectors as reported: float rounding can step past +-1; it never may."""
-    return min(1.0, max(-1.0, float(value)))
 
 
 @dataclass(frozen=True)
@@ -127,8 +122,7 @@ async def identify(service: FaceService, image: ImageIn, top_k: int, far: float 
     identities = await to_thread.run_sync(service.store.identities_by_id, [c.identity_id for row in hits for c in row])
     faces = []
     for face, row in zip(found, hits):
-        candidates = [Candidate(identities[c.identity_id], c.face_id, cosine(c.similarity),
-                                decision.accepts(cosine(c.similarity)))
+        candidates = [Candidate(identities[c.identity_id], c.face_id, c.similarity, decision.accepts(c.similarity))
                       for c in row if c.identity_id in identities]  # not those deleted since the search
         faces.append(IdentifiedFace(face, candidates, candidates[0] if candidates and candidates[0].match else None))
     return Identification(decision, faces)
