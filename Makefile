@@ -5,14 +5,25 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := work/demo
 MODEL  ?=
+DEMO_ARGS ?=
+# `make demo` runs from its own lean environment: serving never imports torch.
+STACK_VENV := .venv-serve
+STACK_BIN  := $(STACK_VENV)/bin
 
-.PHONY: setup postgres test check demo train-demo bench clean
+.PHONY: setup postgres chromium test check demo train-demo bench clean
 
 # The project's environment: torch pinned to the CPU wheel, every stage's extras.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[train,export,serve,dev]"
+	touch $@
+
+# The stack's environment: the gateway and the torch-free part of export (the `demo` extra), no torch.
+$(STACK_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(STACK_VENV)
+	$(STACK_BIN)/python -m pip install -q --upgrade pip
+	$(STACK_BIN)/python -m pip install -q -e ".[demo]"
 	touch $@
 
 # Triton gets its own small environment (numpy < 2 for its Python backend), created once.
@@ -26,15 +37,24 @@ postgres:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; \
 	fi
 
-test: setup postgres
+# The /ui browser tests drive Debian's chromium headless through Playwright (no browser download).
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
+	fi
+
+test: setup postgres chromium
 	$(BIN)/python -m pytest -q
 
 # ruff, the import contracts and mypy (also part of `make test`).
 check: $(VENV)/.installed
 	$(BIN)/python -m cdface.devtools.checks
 
-demo: setup
-	$(BIN)/python -m cdface.devtools.stack_demo --workdir $(DEMO) $(if $(MODEL),--model $(MODEL))
+# DEMO_ARGS=--once runs the demo and stops the stack (CI). SIGTERM to make stops the stack too.
+demo: $(STACK_VENV)/.installed
+	$(STACK_BIN)/cdface triton setup
+	$(STACK_BIN)/python -m cdface.devtools.stack_demo --workdir $(DEMO) $(if $(MODEL),--model $(MODEL)) $(DEMO_ARGS)
 
 train-demo: setup
 	$(BIN)/python -m cdface.devtools.train_demo --workdir work/train-demo

@@ -118,6 +118,7 @@ def main() -> None:
         with TritonServer(tmp / "repo", log_path=tmp / "triton.log") as server:
             port = free_port()
             env = {**os.environ, "CDFACE_SERVE_PORT": str(port), "CDFACE_SERVE_DB_PATH": str(tmp / "g.db"),
+                   "CDFACE_SERVE_CREATE_DB": "1",
                    "CDFACE_SERVE_TRITON_URL": server.grpc_url, "CDFACE_SERVE_MODEL_REPOSITORY": str(tmp / "repo"),
                    "CDFACE_SERVE_AUTH": "false", "CDFACE_SERVE_LOG_LEVEL": "warning"}
             gateway = subprocess.Popen([sys.executable, "-m", "cdface.serving.cli", "serve"], cwd=REPO, env=env,

@@ -7,4 +7,10 @@ manifest, the image decoder, alignment, assets, cache paths); the stages are ``c
 demo tooling (a local Triton, the demos). Import rules: ``[tool.importlinter]`` in pyproject.toml.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    # pyproject.toml is the one place the version is written; the installed metadata carries it.
+    __version__ = version("cdface")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"

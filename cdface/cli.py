@@ -7,15 +7,25 @@ from __future__ import annotations
 
 import typer
 
+import cdface
+from cdface.core.commandline import command_group
 from cdface.core.errors import exit_on_error
 
-app = typer.Typer(
-    name="cdface",
-    help="Train, export, serve and deploy face-recognition models.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+app = command_group(name="cdface", help="Train, export, serve and deploy face-recognition models.")
+
+
+def _print_version(requested: bool) -> None:
+    if requested:
+        typer.echo(f"cdface {cdface.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print the installed cdface version and exit."),
+) -> None:
+    """Train, export, serve and deploy face-recognition models."""
 
 
 def _register() -> None:

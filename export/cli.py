@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from cdface.core.commandline import command_group
 from cdface.core.errors import CdfaceError, exit_on_error
 
 if TYPE_CHECKING:
     from cdface.core.manifest import ExportResult
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = command_group()
 
 
 class Layout(str, Enum):
@@ -67,6 +68,20 @@ def onnx_command(
 
     _report(export_checkpoint(checkpoint, out, name=name, version=version, flip=flip, simplify=not no_simplify,
                               eval_report=eval_report))
+
+
+@app.command("convert-arcface-torch")
+def convert_arcface_torch_command(
+    src: Path = typer.Argument(..., help="insightface arcface_torch IResNet weights (backbone.pth)."),
+    out: Path = typer.Option(..., "--out", help="cdface checkpoint to write (.pt): export onnx and eval take it."),
+) -> None:
+    """Convert arcface_torch IResNet weights (backbone.pth) into a cdface checkpoint, for export and fine-tuning."""
+    from cdface.training.backbones.arcface_torch import convert_arcface_torch
+
+    spec = convert_arcface_torch(src, out)
+    kwargs = spec["kwargs"]
+    typer.echo(f"wrote {out} ({spec['name']}, width {kwargs['width']:g}, {kwargs['embedding_size']}-d); "
+               f"next: cdface export onnx {out} --out DIR --name NAME")
 
 
 @app.command("wrap")

@@ -20,7 +20,7 @@ from cdface.serving.http_errors import install_error_handlers
 from cdface.serving.metrics import Metrics
 from cdface.serving.middleware import BodyLimit
 from cdface.serving.openapi import openapi_builder
-from cdface.serving.routers import identities, inference, operations
+from cdface.serving.routers import identities, inference, operations, ui
 from cdface.serving.service import FaceService
 from cdface.serving.settings import Settings
 from cdface.serving.usecases.recognition import decide
@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None, service: FaceService | None = N
                               "`{\"error\": {\"code\": ..., \"message\": ...}}`.")
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    for router in (inference.router, identities.router, operations.router):
+    for router in (inference.router, identities.router, operations.router, ui.router):
         app.include_router(router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],

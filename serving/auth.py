@@ -1,9 +1,10 @@
 """API keys: random secrets shown once, stored only as HMAC-SHA256 hashes, each with scopes.
 
 A key looks like ``cdf_<id>_<secret>``; the id (public) finds the row, the hash of the whole key is
-compared in constant time. Scopes: ``embed``, ``verify``, ``identify``, ``enroll``, ``delete`` and
-``admin`` (which implies every other). Clients send ``Authorization: Bearer <key>`` or
-``X-API-Key: <key>``.
+compared in constant time. Scopes: ``embed`` (embeddings, detection), ``verify``, ``identify`` (also
+listing the gallery), ``enroll``, ``delete``, ``crops`` (downloading retained face crops: face images
+are personal data, so listing the gallery does not include them) and ``admin`` (which implies every
+other). Clients send ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cdface.serving.store import ApiKey, GalleryStore
 
 log = logging.getLogger("cdface.serving")
 
-SCOPES = ("embed", "verify", "identify", "enroll", "delete", "admin")
+SCOPES = ("embed", "verify", "identify", "enroll", "delete", "crops", "admin")
 PREFIX = "cdf"
 
 

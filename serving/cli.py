@@ -16,35 +16,70 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
+from cdface.core.commandline import command_group
 from cdface.core.errors import CdfaceError, exit_on_error
+from cdface.serving.settings import Settings, env_name, is_secret, unknown_env
 
 if TYPE_CHECKING:  # imported when used: the command line starts without the gateway's dependencies
-    from cdface.serving.settings import Settings
     from cdface.serving.usecases.maintenance import Reembedded
 
-keys_app = typer.Typer(help="Manage API keys (stored hashed in the gallery database).", no_args_is_help=True,
-                       add_completion=False, pretty_exceptions_enable=False)
-gallery_app = typer.Typer(help="Inspect and maintain the identity gallery.", no_args_is_help=True,
-                          add_completion=False, pretty_exceptions_enable=False)
+keys_app = command_group(help="Manage API keys (stored hashed in the gallery database).")
+gallery_app = command_group(help="Inspect and maintain the identity gallery.")
 
-_DB = typer.Option(None, "--db", help="Gallery SQLite file [default: $CDFACE_SERVE_DB_PATH or gallery.db].")
-_URL = typer.Option(None, "--database-url", help="PostgreSQL gallery, postgresql://... (instead of --db) "
-                    "[default: $CDFACE_SERVE_DATABASE_URL].")
+
+def _setting(field: str, *flags: str, help: str) -> Any:
+    """An option that overrides the setting ``field``; left out, the setting's variable or default applies.
+
+    The option's own default stays None (so CDFACE_SERVE_<FIELD> still counts); its help names the
+    variable and shows the setting's default.
+    """
+    default = Settings.model_fields[field].default
+    return typer.Option(None, *flags, help=f"{help} Overrides {env_name(field)}.",
+                        show_default=str(default) if default is not None else False)
+
+
+_DB = _setting("db_path", "--db", help="Gallery SQLite file.")
+_URL = _setting("database_url", "--database-url", help="PostgreSQL gallery, postgresql://... (instead of --db).")
+_CREATE = typer.Option(None, "--create", help="Create the SQLite gallery file if it does not exist (otherwise a "
+                       f"missing file is an error). Overrides {env_name('create_db')}.")
 
 
 def _settings(**overrides: Any) -> Settings:
-    from cdface.serving.settings import Settings
-
+    for name, suggestion in unknown_env(os.environ):
+        hint = f"; did you mean {suggestion}?" if suggestion else ""
+        print(f"cdface: warning: unknown setting {name} is ignored{hint}", file=sys.stderr)
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except Exception as exc:  # pydantic ValidationError: one readable line
-        raise CdfaceError(f"invalid serving settings: {exc}".replace("\n", " ")) from None
+    except Exception as exc:  # pydantic's ValidationError, or pydantic-settings' SettingsError for bad JSON
+        raise CdfaceError(_invalid_settings(exc)) from None
+
+
+def _invalid_settings(exc: Exception) -> str:
+    """One line naming each bad setting by its variable, with the value given (secrets left out)."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        # pydantic-settings reads list and dict settings as JSON: 'error parsing value for field "x" ...'
+        parsed = re.search(r'field "(\w+)"', str(exc))
+        if parsed and parsed.group(1) in Settings.model_fields:
+            return f"invalid serving settings: {env_name(parsed.group(1))} is not valid JSON " \
+                   "(lists are written as JSON, e.g. [\"https://app.example\"])"
+        return f"invalid serving settings: {exc}"
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        given = "" if is_secret(field) or "input" not in error else f" (got {error['input']!r})"
+        name = env_name(field) if field in Settings.model_fields else field
+        problems.append(f"{name}: {error['msg']}{given}")
+    return "invalid serving settings: " + "; ".join(problems)
 
 
 def _store(db: Optional[Path], database_url: Optional[str] = None):
@@ -53,24 +88,45 @@ def _store(db: Optional[Path], database_url: Optional[str] = None):
     return open_store(_settings(db_path=db, database_url=database_url))
 
 
+def _check_before_start(settings: Settings) -> str:
+    """What the gateway would otherwise find out inside uvicorn's start-up, with a traceback: the model
+    repository, the served version and its manifest, the YuNet file, the gallery database. Returns a
+    description of the served model; a problem is a CdfaceError (one line, exit status 2)."""
+    from cdface.serving.service import open_store, resolve_manifest
+
+    manifest, version = resolve_manifest(settings)
+    if settings.yunet_model is not None and not Path(settings.yunet_model).is_file():
+        raise CdfaceError(f"YuNet model {settings.yunet_model} ({env_name('yunet_model')}) is not a file")
+    open_store(settings).close()
+    return f"model {manifest.name} version {manifest.version} (Triton {settings.model!r} version {version})"
+
+
 def serve_command(
-    host: Optional[str] = typer.Option(None, "--host", help="Bind address [default: 127.0.0.1]."),
-    port: Optional[int] = typer.Option(None, "--port", help="HTTP port [default: 8000]."),
+    host: Optional[str] = _setting("host", "--host", help="Bind address."),
+    port: Optional[int] = _setting("port", "--port", help="HTTP port."),
     db: Optional[Path] = _DB,
-    model_repository: Optional[Path] = typer.Option(None, "--model-repository", help="Triton model repository."),
-    model: Optional[str] = typer.Option(None, "--model", help="Triton model name [default: face]."),
-    triton_url: Optional[str] = typer.Option(None, "--triton-url", help="Triton gRPC target: host:port, "
-                                             "dns:///name:port or ipv4:a:port,b:port (round-robin)."),
+    create: Optional[bool] = _CREATE,
+    model_repository: Optional[Path] = _setting("model_repository", "--model-repository",
+                                                help="Triton model repository (manifests are read from it)."),
+    model: Optional[str] = _setting("model", "--model", help="Triton model name."),
+    triton_url: Optional[str] = _setting("triton_url", "--triton-url", help="Triton gRPC target: host:port, "
+                                         "dns:///name:port or ipv4:a:port,b:port (round-robin)."),
 ) -> None:
-    """Run the HTTP gateway (settings from CDFACE_SERVE_* variables; options override them)."""
+    """Run the HTTP gateway (settings from CDFACE_SERVE_* variables; options override them).
+
+    Settings, the model repository and the gallery database are checked before the server starts.
+    """
+    settings = _settings(host=host, port=port, db_path=db, create_db=create, model_repository=model_repository,
+                         model=model, triton_url=triton_url)
+    served = _check_before_start(settings)
+
     import uvicorn
 
     from cdface.serving.app import create_app
 
-    settings = _settings(host=host, port=port, db_path=db, model_repository=model_repository, model=model,
-                         triton_url=triton_url)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print("cdface gateway settings: " + json.dumps(settings.describe(), default=str), file=sys.stderr, flush=True)
+    print(f"cdface gateway: serving {served}", file=sys.stderr, flush=True)
     if not settings.auth:
         print("cdface: WARNING: API keys are not required (CDFACE_SERVE_AUTH=false)", file=sys.stderr)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -83,11 +139,14 @@ def keys_create(
     scope: list[str] = typer.Option(..., "--scope", help="embed, verify, identify, enroll, delete, admin (repeat)."),
     db: Optional[Path] = _DB,
     database_url: Optional[str] = _URL,
+    create: Optional[bool] = _CREATE,
 ) -> None:
     """Create a key; it is printed once, only its hash is stored."""
     from cdface.serving.auth import create_key
+    from cdface.serving.service import open_store
 
-    key, record = create_key(_store(db, database_url), name, scope, _settings(db_path=db).pepper)
+    settings = _settings(db_path=db, database_url=database_url, create_db=create)
+    key, record = create_key(open_store(settings), name, scope, settings.pepper)
     print(key)
     print(f"created key {record.id} ({record.name}) with scopes {', '.join(record.scopes)}; it is not shown again",
           file=sys.stderr)
@@ -121,10 +180,11 @@ def gallery_status(db: Optional[Path] = _DB, database_url: Optional[str] = _URL)
 def gallery_reembed(
     db: Optional[Path] = _DB,
     database_url: Optional[str] = _URL,
-    model_repository: Optional[Path] = typer.Option(None, "--model-repository", help="Triton model repository."),
-    model: Optional[str] = typer.Option(None, "--model", help="Triton model name [default: face]."),
-    triton_url: Optional[str] = typer.Option(None, "--triton-url", help="Triton gRPC host:port."),
-    batch: int = typer.Option(32, "--batch", min=1, max=256),
+    model_repository: Optional[Path] = _setting("model_repository", "--model-repository",
+                                                help="Triton model repository."),
+    model: Optional[str] = _setting("model", "--model", help="Triton model name."),
+    triton_url: Optional[str] = _setting("triton_url", "--triton-url", help="Triton gRPC target."),
+    batch: int = typer.Option(32, "--batch", min=1, max=256, help="Crops per Triton request."),
 ) -> None:
     """Recompute every face made by another model from its retained crop, with the served model.
 
@@ -152,8 +212,7 @@ async def _reembed(settings: Settings, batch: int) -> Reembedded:
         store.close()
 
 
-cli = typer.Typer(help="cdface serving stage.", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False)
+cli = command_group(help="cdface serving stage.")
 cli.command("serve")(serve_command)
 cli.add_typer(keys_app, name="keys")
 cli.add_typer(gallery_app, name="gallery")

@@ -32,7 +32,7 @@ STATUS = {
     # who is asking
     "unauthorized": 401, "invalid_api_key": 401, "forbidden": 403,
     # the gallery
-    "unknown_identity": 404, "unknown_face": 404, "unknown_api_key": 404,
+    "unknown_identity": 404, "unknown_face": 404, "unknown_api_key": 404, "no_retained_crop": 404,
     "duplicate_external_id": 409, "duplicate_api_key": 409,
     # images
     "image_too_large": 413, "detector_unavailable": 503,

@@ -15,8 +15,8 @@ from pydantic import BaseModel
 from cdface.serving import schemas as s
 
 # The models ``body_doc`` refers to, added to the document's schemas.
-REQUEST_MODELS: tuple[type[BaseModel], ...] = (s.EmbeddingsRequest, s.VerifyRequest, s.IdentifyRequest,
-                                               s.EnrollRequest)
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (s.DetectRequest, s.EmbeddingsRequest, s.VerifyRequest,
+                                               s.IdentifyRequest, s.EnrollRequest)
 
 
 def _face_spec_doc() -> dict[str, Any]:

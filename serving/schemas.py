@@ -88,23 +88,43 @@ class EmbeddingsResponse(BaseModel):
     faces: list[FaceEmbedding]
 
 
+# -- detection ------------------------------------------------------------------------------------
+
+
+class DetectRequest(_ImagesIn):
+    images: list[ImageInput] = Field(min_length=1, description="Images to find faces in (no embedding is made).")
+
+
+class DetectResponse(BaseModel):
+    faces: list[DetectedFace] = Field(description="The faces found, in image order (largest first per image).")
+
+
 # -- verify / identify ----------------------------------------------------------------------------
 
 
+# An embedding made elsewhere by the served model: checked (length, finite) and L2-normalised by the server.
+_EMBEDDING_LIMIT = 4096
+
+
 class VerifyRequest(ImageRequest):
-    image: ImageInput
-    other: ImageInput | None = Field(None, description="The second image (image vs image).")
-    identity_id: str | None = Field(None, max_length=64, description="An enrolled identity (image vs identity).")
+    image: ImageInput | None = Field(None, description="The face to verify (give this or 'embedding').")
+    embedding: list[float] | None = Field(
+        None, max_length=_EMBEDDING_LIMIT, description="The face to verify as an embedding of the served model "
+        "(instead of 'image'; JSON bodies only). Its length must be the model's embedding size.")
+    other: ImageInput | None = Field(None, description="The second image (against an image).")
+    other_embedding: list[float] | None = Field(None, max_length=_EMBEDDING_LIMIT,
+                                                description="The second face as an embedding (JSON bodies only).")
+    identity_id: str | None = Field(None, max_length=64, description="An enrolled identity (its best face counts).")
     far: float | None = Field(None, gt=0, lt=1, description="Target FAR for the decision; default: the server's.")
 
     @model_validator(mode="after")
     def _one_target(self) -> "VerifyRequest":
-        if (self.other is None) == (self.identity_id is None):
-            raise ValueError("give exactly one of 'other' (an image) and 'identity_id'")
+        if sum(x is not None for x in (self.other, self.other_embedding, self.identity_id)) != 1:
+            raise ValueError("give exactly one of 'other' (an image), 'other_embedding' and 'identity_id'")
         return self
 
     def image_inputs(self) -> list[ImageInput]:
-        return [self.image] + ([self.other] if self.other is not None else [])
+        return [i for i in (self.image, self.other) if i is not None]
 
 
 class VerifyResponse(Decision):
@@ -112,11 +132,16 @@ class VerifyResponse(Decision):
     similarity: float
     model: ModelInfo
     identity_id: str | None = None
-    faces: list[DetectedFace]
+    faces: list[DetectedFace] = Field(description="The face compared from each image given ('image' is its index "
+                                                  "among the request's images); none for embeddings.")
 
 
 class IdentifyRequest(ImageRequest):
-    image: ImageInput
+    image: ImageInput | None = Field(None, description="The photo whose faces to identify (give this or "
+                                                       "'embedding').")
+    embedding: list[float] | None = Field(
+        None, max_length=_EMBEDDING_LIMIT, description="One face as an embedding of the served model (instead of "
+        "'image'; JSON bodies only). Its length must be the model's embedding size.")
     top_k: int = Field(5, ge=1, le=100)
     far: float | None = Field(None, gt=0, lt=1)
 
@@ -128,7 +153,7 @@ class IdentifyRequest(ImageRequest):
         return value
 
     def image_inputs(self) -> list[ImageInput]:
-        return [self.image]
+        return [self.image] if self.image is not None else []
 
 
 class CandidateOut(BaseModel):
@@ -147,7 +172,8 @@ class IdentifiedFace(DetectedFace):
 
 class IdentifyResponse(Decision):
     model: ModelInfo
-    faces: list[IdentifiedFace]
+    faces: list[IdentifiedFace] = Field(description="Per face found in the image; for an 'embedding' one entry "
+                                                    "(image 0, no box, landmarks or quality).")
 
 
 # -- identities and faces -------------------------------------------------------------------------
@@ -217,6 +243,7 @@ class FaceOut(BaseModel):
 
 class FaceList(BaseModel):
     items: list[FaceOut]
+    next_cursor: str | None = Field(None, description="Pass as 'cursor' for the next page; null on the last page.")
 
 
 class EnrollResponse(BaseModel):

@@ -31,11 +31,17 @@ def resolve_manifest(settings: Settings) -> tuple[ModelManifest, int]:
         return manifest, settings.model_version or manifest.version
     if settings.model_repository is None:
         raise CdfaceError("set CDFACE_SERVE_MODEL_REPOSITORY (the Triton model repository) or CDFACE_SERVE_MANIFEST")
-    model_dir = Path(settings.model_repository) / settings.model
-    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()) \
-        if model_dir.is_dir() else []
+    repo = Path(settings.model_repository)
+    if not repo.is_dir():
+        raise CdfaceError(f"model repository {repo} does not exist or is not a directory")
+    model_dir = repo / settings.model
+    if not model_dir.is_dir():
+        models = sorted(p.name for p in repo.iterdir() if p.is_dir())
+        raise CdfaceError(f"model {settings.model!r} is not in the model repository {repo} "
+                          + (f"(it has: {', '.join(models)})" if models else "(the repository is empty)"))
+    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
     if not versions:
-        raise CdfaceError(f"model {settings.model!r} has no versions in {settings.model_repository}")
+        raise CdfaceError(f"model {settings.model!r} has no numbered version directories in {model_dir}")
     version = settings.model_version or versions[-1]
     if version not in versions:
         raise CdfaceError(f"model {settings.model!r} has no version {version} (it has {versions})")
@@ -48,7 +54,11 @@ def open_store(settings: Settings) -> GalleryStore:
         from cdface.serving.store.postgres import PostgresStore  # psycopg is needed only here
 
         return PostgresStore(settings.database_url.get_secret_value())
-    return SQLiteStore(settings.db_path)
+    path = Path(settings.db_path)
+    if not settings.create_db and not path.exists():
+        raise CdfaceError(f"gallery database {path} does not exist; pass --create (or set CDFACE_SERVE_CREATE_DB=1) "
+                          "to create it")
+    return SQLiteStore(path)  # a file it cannot open is a CdfaceError too (SqlStore)
 
 
 def open_embedder(settings: Settings, manifest: ModelManifest, version: int) -> TritonEmbedder:

@@ -6,8 +6,9 @@ in the working directory, exact FAISS search, API keys required, CORS off.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping, get_args
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,8 +18,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 SFACE_COSINE_THRESHOLD = 0.363
 
 
+ENV_PREFIX = "CDFACE_SERVE_"
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CDFACE_SERVE_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     # HTTP
     host: str = "127.0.0.1"
@@ -71,6 +75,8 @@ class Settings(BaseSettings):
     faiss_threads: int = Field(default=1, ge=0, description="OpenMP threads per FAISS search (0 = FAISS's default, "
                                "all cores); one per search serves concurrent requests best on small machines.")
     faiss_gpu: bool = False
+    create_db: bool = Field(default=False, description="Create the SQLite gallery file db_path when it does not exist "
+                            "(otherwise refused: a mistyped path would start an empty gallery without a word).")
     retain_crops: bool = Field(default=True,
                                description="Keep each enrolled aligned crop so the gallery can be re-embedded.")
 
@@ -116,3 +122,43 @@ class Settings(BaseSettings):
                 value = str(value)
             out[name] = value
         return out
+
+
+def is_secret(field: str) -> bool:
+    """Whether the setting ``field`` holds a secret (masked at start, never echoed in an error)."""
+    info = Settings.model_fields.get(field)
+    return info is not None and SecretStr in (info.annotation, *get_args(info.annotation))
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field``: ``CDFACE_SERVE_<FIELD>``."""
+    return ENV_PREFIX + field.upper()
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``CDFACE_SERVE_*`` variables that set no setting, each with the closest known name (or None).
+
+    pydantic-settings ignores them (``extra="ignore"``), so a typo such as ``CDFACE_SERVE_DB`` would
+    otherwise leave the setting at its default without a word. Names compare case-insensitively, as
+    pydantic-settings reads them.
+    """
+    fields = [field.upper() for field in Settings.model_fields]
+    unknown = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith(ENV_PREFIX) and upper[len(ENV_PREFIX):] not in fields:
+            close = _closest(upper[len(ENV_PREFIX):], fields)
+            unknown.append((name, ENV_PREFIX + close if close else None))
+    return unknown
+
+
+def _closest(name: str, fields: list[str]) -> str | None:
+    """The known field a mistyped ``name`` most likely meant, compared without the prefix they all
+    share (which would make any name look close): a near spelling (THRESHHOLD -> THRESHOLD), else
+    the most similar field with a word in common (DB -> DB_PATH), else None."""
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    words = set(name.split("_"))
+    sharing = [field for field in fields if words & set(field.split("_"))]
+    return max(sharing, key=lambda field: difflib.SequenceMatcher(None, name, field).ratio(), default=None)

@@ -13,8 +13,10 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import venv
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -40,17 +42,40 @@ def test_every_package_folder_is_listed_in_pyproject():
         f"unlisted: {sorted(found - listed)}; listed but missing: {sorted(listed - found - data_only)}"
 
 
+def _copy_source(source: Path) -> Path:
+    """What the gateway image copies (docker/gateway.Dockerfile), and nothing else: no stale build/."""
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, source / name)
+    for folder in ("cdface", "training", "export", "serving"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return source
+
+
+def test_the_wheel_ships_py_typed_and_the_licence(tmp_path):
+    """PEP 561's marker makes the package's type hints count in code that imports cdface; the licence
+    file travels with the declared licence expression. A wheel only, no dependencies: a few seconds."""
+    source = _copy_source(tmp_path / "src")
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "--disable-pip-version-check", "-w", str(tmp_path / "dist"), str(source)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("cdface-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        (metadata,) = (n for n in names if n.endswith(".dist-info/METADATA"))
+        headers = archive.read(metadata).decode()
+    assert "cdface/py.typed" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(names)[-10:]
+    assert "License-Expression: Apache-2.0" in headers.splitlines()
+    assert (ROOT / "LICENSE").read_text().split()[:3] == ["Apache", "License", "Version"]
+
+
 @pytest.fixture(scope="module")
 def serve_only_venv(tmp_path_factory) -> Path:
     """A fresh virtual environment holding ``pip install -c docker/gateway-constraints.txt .[serve]`` (a wheel)."""
     work = tmp_path_factory.mktemp("serve-venv")
-    # What the gateway image copies (docker/gateway.Dockerfile), and nothing else: no stale build/.
-    source = work / "src"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, source / name)
-    for folder in ("cdface", "training", "export", "serving"):
-        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    source = _copy_source(work / "src")
     root = work / "venv"
     venv.EnvBuilder(with_pip=True).create(root)
     python = root / "bin" / "python"
@@ -102,6 +127,7 @@ def test_gateway_starts_and_embeds_from_the_serve_extra_alone(serve_only_venv, t
 
     port = free_port()
     env = {**os.environ, "CDFACE_SERVE_PORT": str(port), "CDFACE_SERVE_DB_PATH": str(tmp_path / "gallery.db"),
+           "CDFACE_SERVE_CREATE_DB": "1",
            "CDFACE_SERVE_TRITON_URL": triton_server.grpc_url, "CDFACE_SERVE_MODEL_REPOSITORY": str(triton_repo),
            "CDFACE_SERVE_MODEL": MODEL, "CDFACE_SERVE_AUTH": "false", "CDFACE_SERVE_LOG_LEVEL": "warning"}
     cdface = serve_only_venv.parent / "cdface"

@@ -118,14 +118,15 @@ class Checkpointing:
     def save_last(self) -> Path:
         trainer = self.trainer
         trainer.bank.sync()  # every rank holds the same bank; rank 0 writes it
+        state = trainer.state()  # on every rank: a sharded head is gathered
         if trainer.env.is_main:
-            save_checkpoint(self.last, trainer.state())
+            save_checkpoint(self.last, state)
         distributed.barrier()
         return self.last
 
     def on_train_end(self, evaluation: dict) -> None:
+        final = self.trainer.state(full=False)  # on every rank: a sharded head is gathered
         if self.trainer.env.is_main:
-            final = self.trainer.state(full=False)
             final["evaluation"] = evaluation
             save_checkpoint(self.trainer.output / "model.pt", final)
         # Every rank leaves together: a rank tearing down its process group while rank 0 (which

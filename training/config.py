@@ -27,6 +27,9 @@ class ModelConfig(Section):
     width: float = Field(1.0, gt=0)
     embedding_size: int = Field(512, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
+    init_weights: Optional[str] = Field(None, description="arcface_torch backbone.pth to start the backbone from "
+                                        "(fine-tuning; the head starts fresh); ignored when resuming or with "
+                                        "run.init_from")
 
 
 class HeadConfig(Section):
@@ -34,6 +37,10 @@ class HeadConfig(Section):
     scale: float = Field(64.0, gt=0)
     margin: float = Field(0.5, ge=0)
     num_hard_negatives: int = Field(500, ge=1, description="NP: hard negative prototypes per sample")
+    sharded: bool = Field(False, description="split the class centres across ranks (Partial FC); the loss, the "
+                          "hard negatives and checkpoints stay the replicated head's")
+    sample_rate: float = Field(1.0, gt=0, le=1, description="share of each shard's negative centres scored per "
+                               "step (sharded head only; the batch's own classes are always kept)")
 
 
 class MethodConfig(Section):
@@ -104,6 +111,8 @@ class TrainConfig(Section):
         if self.method.identities > self.optim.batch_size:
             raise ValueError(f"method.identities (K={self.method.identities}) exceeds the batch size "
                              f"({self.optim.batch_size}): K identities must come from one batch")
+        if self.head.sample_rate < 1.0 and not self.head.sharded:
+            raise ValueError("head.sample_rate < 1 samples the centres of a sharded head: set head.sharded=true")
         return self
 
     @property

@@ -29,23 +29,20 @@ class RefinedBranchLoss:
                    method.diversity_scale)
 
     def __call__(self, loss_erb: torch.Tensor, mined: MinedBatch, embeddings: torch.Tensor,
-                 hard_negatives: torch.Tensor, class_centres: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                 prototypes: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """L (above) and the values to log.
 
-        embeddings: [K * (NE + NH), D] of the mined samples; hard_negatives: [B, NP] the ERB's
-        hard negative classes of each batch sample; class_centres: the head's weight [C, D].
+        embeddings: [K * (NE + NH), D] of the mined samples; prototypes: [K, NP, D] the class centres
+        of each identity's hard negatives: the ERB's top-NP for one of its batch samples (the centres
+        are the ERB's to move, so they come detached; the RRB only moves the embeddings).
         """
         ne, nh = self.num_easy, self.num_hard
         k = mined.identities.numel()
         per_identity = embeddings.float().view(k, ne + nh, -1)
         easy = per_identity[:, :ne]
         hard = per_identity[:, ne:].reshape(k * nh, -1)
-        # Hard negative prototypes of each identity: the ERB's top-NP for one of its batch
-        # samples. The class centres are the ERB's to move; the RRB only moves the embedding.
-        negatives = hard_negatives[mined.batch_positions.to(hard_negatives.device)]
-        prototypes = class_centres.detach()[negatives].repeat_interleave(nh, dim=0)
         loss_close = closeness_loss(easy)
-        loss_div = diversity_loss(hard, prototypes, scale=self.diversity_scale)
+        loss_div = diversity_loss(hard, prototypes.repeat_interleave(nh, dim=0), scale=self.diversity_scale)
         loss = loss_erb + self.lambda_closeness * loss_close + self.lambda_diversity * loss_div
         return loss, {"loss_closeness": float(loss_close.detach()), "loss_diversity": float(loss_div.detach()),
                       "mining_threshold": mined.threshold}

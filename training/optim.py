@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterable
 
+import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from cdface.training.config import TrainConfig
@@ -35,3 +37,25 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
         return o.gamma ** sum(epoch >= m for m in o.milestones)
 
     return factor
+
+
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float, sharded: Iterable[nn.Parameter] = ()) -> None:
+    """Scale the gradients so that their global norm is at most ``max_norm``, as ``clip_grad_norm_`` does.
+
+    ``sharded`` parameters hold a different slice on each rank (the sharded head): their share of
+    the norm is summed over the ranks, so every rank scales by the same factor.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    split = {id(p) for p in sharded}
+    if not split:
+        nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    device = params[0].device if params else torch.device("cpu")
+    squares = {True: torch.zeros((), device=device), False: torch.zeros((), device=device)}
+    for p in params:
+        squares[id(p) in split] += p.grad.detach().float().pow(2).sum()  # type: ignore[union-attr]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(squares[True])
+    factor = torch.clamp(max_norm / (torch.sqrt(squares[True] + squares[False]) + 1e-6), max=1.0)
+    for p in params:
+        p.grad.detach().mul_(factor)  # type: ignore[union-attr]

@@ -22,7 +22,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeAlias
 
 import torch
 import torch.nn as nn
@@ -31,33 +31,38 @@ from torch.nn.parallel import DistributedDataParallel
 from cdface.core.errors import CdfaceError
 from cdface.training import distributed
 from cdface.training.backbones import create_backbone
+from cdface.training.backbones.arcface_torch import load_arcface_torch
 from cdface.training.callbacks import Checkpointing, Evaluation, MetricsLogging
 from cdface.training.checkpoint import check_compatible, load_checkpoint, rng_state, set_rng_state
 from cdface.training.config import TrainConfig
 from cdface.training.data.dataset import EpochBatchSampler, open_dataset
 from cdface.training.data.loader import Lookahead, training_loader
-from cdface.training.heads import MarginHead, create_head
+from cdface.training.heads import MARGINS, MarginHead
 from cdface.training.method import RefinedBranchLoss
 from cdface.training.mined_images import MinedImageLoader
 from cdface.training.mining import ScoreBank, SoftMiner, identities_per_rank
-from cdface.training.optim import lr_factor, parameter_groups
+from cdface.training.optim import clip_grad_norm, lr_factor, parameter_groups
+from cdface.training.partial_fc import ShardedMarginHead
 from cdface.training.preprocess import to_model_input
 
 log = logging.getLogger("cdface.train")
 
 
-class FaceModel(nn.Module):
-    """Backbone + margin head: the module DDP wraps."""
+Head: TypeAlias = "MarginHead | ShardedMarginHead"
 
-    def __init__(self, backbone: nn.Module, head: MarginHead):
+
+class FaceModel(nn.Module):
+    """Backbone + margin head: the module DDP wraps (a sharded head's centres excepted)."""
+
+    def __init__(self, backbone: nn.Module, head: Head):
         super().__init__()
         self.backbone = backbone
         self.head = head
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, negatives_for: Optional[torch.Tensor] = None):
         embeddings = self.backbone(images)
         n = labels.shape[0]  # the first n images are the batch, the rest the mined RRB samples
-        out = self.head(embeddings[:n], labels)
+        out = self.head(embeddings[:n], labels, negatives_for)
         return out.loss, out.target_cos, out.hard_negatives, embeddings[n:]
 
 
@@ -73,6 +78,16 @@ class TrainResult:
 def backbone_spec(cfg: TrainConfig) -> dict:
     m = cfg.model
     return {"name": m.backbone, "kwargs": {"width": m.width, "embedding_size": m.embedding_size, "dropout": m.dropout}}
+
+
+def create_head(cfg: TrainConfig, num_classes: int) -> Head:
+    """The configured margin head: every centre on every rank, or sharded across the ranks (Partial FC)."""
+    h = cfg.head
+    margin = MARGINS[h.kind](h.margin)
+    if h.sharded:
+        return ShardedMarginHead(cfg.model.embedding_size, num_classes, margin, h.scale, h.num_hard_negatives,
+                                 h.sample_rate)
+    return MarginHead(cfg.model.embedding_size, num_classes, margin, h.scale, h.num_hard_negatives)
 
 
 class Trainer:
@@ -102,10 +117,10 @@ class Trainer:
 
         torch.manual_seed(run.seed)  # identical initial weights on every rank
         backbone = create_backbone(cfg.model.backbone, **backbone_spec(cfg)["kwargs"])
-        head = create_head(cfg.head.kind, cfg.model.embedding_size, self.dataset.num_classes,
-                           scale=cfg.head.scale, margin=cfg.head.margin,
-                           num_hard_negatives=cfg.head.num_hard_negatives)
+        head = create_head(cfg, self.dataset.num_classes)
         self.model = FaceModel(backbone, head).to(env.device)
+        # A sharded head's rows differ per rank and its gradient is complete on each: DDP keeps off it.
+        self.sharded = [head.weight] if isinstance(head, ShardedMarginHead) else []
         self.channels_last = run.channels_last if run.channels_last is not None else env.device.type == "cuda"
         if self.channels_last and env.device.type != "cuda":
             raise CdfaceError("run.channels_last is for CUDA: on CPU, torch 2.13 crashes in the backward of a "
@@ -113,6 +128,8 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack it
         device_ids = [env.device.index] if env.device.type == "cuda" else None
+        if env.distributed and self.sharded:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, ["head.weight"])
         self.ddp = DistributedDataParallel(self.model, device_ids=device_ids) if env.distributed else self.model
 
         self.optimizer = torch.optim.SGD(parameter_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -135,18 +152,19 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------
     def state(self, full: bool = True) -> dict[str, Any]:
+        """What a checkpoint holds; every rank calls it (a sharded head is gathered), rank 0 writes it."""
         state = {
             "backbone": backbone_spec(self.cfg),
             "config": self.cfg.model_dump(),
             "model": self.model.backbone.state_dict(),
-            "head": self.model.head.state_dict(),
+            "head": self.model.head.full_state_dict(),
             "bank": self.bank.state_dict(),
             "num_classes": self.dataset.num_classes,
             "progress": {"stage": self.cfg.run.stage, "step": self.step, "epoch": self.epoch,
                          "batch_in_epoch": self.batch_in_epoch},
         }
         if full:
-            state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            state.update(optimizer=self._optimizer_state(), scheduler=self.scheduler.state_dict(),
                          scaler=self.scaler.state_dict(), rng=rng_state())
         return state
 
@@ -159,7 +177,7 @@ class Trainer:
                 raise CdfaceError(f"{last} belongs to the {state['progress']['stage']} stage; use another "
                                   f"run.output for the {self.cfg.run.stage} stage")
             self._load_weights(state)
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_optimizer_state(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
             p = state["progress"]
@@ -176,6 +194,10 @@ class Trainer:
             self._load_weights(state)
             if self.env.is_main:
                 log.info("initialised model, head and score bank from %s", self.cfg.run.init_from)
+        elif self.cfg.model.init_weights:
+            load_arcface_torch(self.cfg.model.init_weights, into=self.model.backbone)  # every rank: same weights
+            if self.env.is_main:
+                log.info("initialised the backbone from arcface_torch weights %s", self.cfg.model.init_weights)
         elif self.joint and self.env.is_main:
             log.warning("joint stage without run.init_from: difficulty scores start at zero, so mining is "
                         "uninformed until the bank fills; the method expects a pretrain stage first")
@@ -185,8 +207,29 @@ class Trainer:
 
     def _load_weights(self, state: dict) -> None:
         self.model.backbone.load_state_dict(state["model"])
-        self.model.head.load_state_dict(state["head"])
+        self.model.head.load_full_state_dict(state["head"])
         self.bank.load_state_dict(state["bank"])
+
+    # A sharded head's momentum is saved whole (gathered on rank 0) and re-sharded on load, like its
+    # centres: checkpoints are the same whatever the number of ranks or the kind of head.
+    def _head_slot(self) -> int:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return next(i for i, p in enumerate(params) if p is self.model.head.weight)
+
+    def _with_head_momentum(self, state: dict, whole: bool) -> dict:
+        """``state`` (an optimizer state dict) with a sharded head's momentum made whole, or re-sharded."""
+        head, slot = self.model.head, state["state"].get(self._head_slot())
+        if not isinstance(head, ShardedMarginHead) or slot is None or "momentum_buffer" not in slot:
+            return state
+        momentum = slot["momentum_buffer"]
+        converted = {**slot, "momentum_buffer": head.gather_full(momentum) if whole else head.shard(momentum)}
+        return {**state, "state": {**state["state"], self._head_slot(): converted}}
+
+    def _optimizer_state(self) -> dict:
+        return self._with_head_momentum(self.optimizer.state_dict(), whole=True)
+
+    def _load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(self._with_head_momentum(state, whole=False))
 
     # -- one step ----------------------------------------------------------------------------
     def mines_at(self, step: int) -> bool:
@@ -197,10 +240,11 @@ class Trainer:
         """One optimisation step. ``next_labels``, the following batch's labels, lets that step's
         mining start in the background as soon as this step's scores are in the bank."""
         device = self.env.device
-        mined = None
+        mined = negatives_for = None
         if self.mines_at(self.step):
             mined, mined_images = self.mined_images.take(self.bank, labels, self.step)
             images = torch.cat([images, mined_images])
+            negatives_for = mined.batch_positions.to(device)
         x = to_model_input(images.to(device, non_blocking=True))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -208,12 +252,12 @@ class Trainer:
 
         with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            loss_erb, target_cos, hard_negatives, rrb_embeddings = self.ddp(x, labels_dev)
+            loss_erb, target_cos, hard_negatives, rrb_embeddings = self.ddp(x, labels_dev, negatives_for)
         loss = loss_erb
         values = {"loss_erb": float(loss_erb.detach())}
         if mined is not None:
-            loss, rrb_values = self.refined_loss(loss_erb, mined, rrb_embeddings, hard_negatives,
-                                                 class_centres=self.model.head.weight)
+            prototypes = self.model.head.centres(hard_negatives)
+            loss, rrb_values = self.refined_loss(loss_erb, mined, rrb_embeddings, prototypes)
             values.update(rrb_values)
 
         # The bank the next step mines from is final once this step's scores are in (and the ranks
@@ -228,7 +272,7 @@ class Trainer:
         self.scaler.scale(loss).backward()
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip, sharded=self.sharded)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

@@ -1,6 +1,6 @@
 """The main job: the whole stack on localhost, with a demo on real photos.
 
-    python -m cdface.devtools.stack_demo                  (what `make demo` runs; Ctrl-C stops the stack)
+    python -m cdface.devtools.stack_demo                  (what `make demo` runs; Ctrl-C or SIGTERM stops the stack)
     python -m cdface.devtools.stack_demo --once           (run the demo, then stop everything: tests, CI)
     python -m cdface.devtools.stack_demo --model DIR      (serve your own export: a directory with
                                                            model.onnx + manifest.json)
@@ -31,12 +31,16 @@ from typing import Any
 
 from cdface.core.errors import CdfaceError, exit_on_error
 from cdface.devtools.commands import Command, cdface, run
+from cdface.devtools.processes import die_with_parent, dies_with_this_process
 
 MODEL_NAME = "face"
 
 
 def port_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` now. Like the servers (uvicorn, tritonserver) this
+    binds with SO_REUSEADDR, so the TIME_WAIT connections a stopped server leaves do not count."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True
@@ -84,8 +88,24 @@ def choose_model(requested: Path | None, work: Path) -> tuple[Path, str]:
     return sface, "SFace (OpenCV Zoo, 128-d), since no export of yours was found under exports/"
 
 
+# The signals that end the demo in an orderly way: SIGTERM (`kill`, and what make forwards to its
+# recipe when it is itself terminated) and SIGHUP (the terminal went away). Ctrl-C is KeyboardInterrupt.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
+    # SystemExit unwinds through main()'s `finally`, which stops the stack; 128 + n is the shell's convention.
+    print(f"\n{signal.Signals(signum).name}: stopping the stack", flush=True)
+    raise SystemExit(128 + signum)
+
+
 class Stack:
-    """Triton + gateway as child processes, stopped together."""
+    """Triton + gateway as child processes, stopped together.
+
+    Each child runs in its own session (a Ctrl-C in the terminal reaches only the demo, which then
+    stops them in order) and gets SIGTERM from the kernel if the demo dies without stopping them
+    (killed with SIGKILL): no server is left holding the ports.
+    """
 
     def __init__(self, work: Path):
         self.work = work
@@ -94,11 +114,16 @@ class Stack:
     def start(self, name: str, command: Command, log: Path, env: dict | None = None) -> subprocess.Popen:
         print(f"\n== start {name}\n$ {command.shown}   (log: {log})", flush=True)
         with open(log, "ab") as out:
-            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    preexec_fn=dies_with_this_process())
         self.processes.append((name, proc))
+        print(f"   (pid {proc.pid})", flush=True)
         return proc
 
     def stop(self) -> None:
+        # A second SIGTERM (make and a user both sending one) must not cut the stopping short.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         for name, proc in reversed(self.processes):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -191,7 +216,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--once", action="store_true", help="stop the stack after the demo")
     parser.add_argument("--port", type=int, default=8080, help="gateway port (another free one if taken; 0: any)")
     args = parser.parse_args(argv)
-    work = args.workdir.resolve()
+    stack = Stack(args.workdir.resolve())
+    # From here on SIGTERM/SIGHUP unwind through `finally`: whatever has started is stopped.
+    previous = {sig: signal.signal(sig, _exit_on_signal) for sig in STOP_SIGNALS}
+    try:
+        return run_demo(args, stack)
+    finally:
+        stack.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_demo(args: argparse.Namespace, stack: Stack) -> dict:
+    """Prepare the model, the repository and a key; start Triton and the gateway; run the demo calls."""
+    work = stack.work
     work.mkdir(parents=True, exist_ok=True)
 
     from cdface.core import assets
@@ -208,39 +246,37 @@ def main(argv: list[str] | None = None) -> dict:
     if db.exists():  # a fresh gallery each run: the demo enrolls the same people again
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
-    key = run("an API key (printed once; only its hash is stored)",
-              cdface("keys", "create", "--name", "demo", "--scope", "admin", "--db", str(db)),
+    key = run("an API key (printed once; only its hash is stored), in a new gallery database",
+              cdface("keys", "create", "--name", "demo", "--scope", "admin", "--db", str(db), "--create"),
               capture=True).strip().splitlines()[-1]
 
     http, grpc, metrics, gateway_port = pick_port(8100), pick_port(8101), pick_port(8102), pick_port(args.port)
-    stack = Stack(work)
-    try:
-        triton = stack.start("Triton Inference Server", cdface(
-            "triton", "serve", str(repo), "--http-port", str(http), "--grpc-port", str(grpc),
-            "--metrics-port", str(metrics)), work / "triton.log")
-        wait_http(f"http://127.0.0.1:{http}/v2/health/ready", triton, "tritonserver", work / "triton.log")
-        env = {**os.environ, "CDFACE_SERVE_LOG_LEVEL": "warning"}
-        gateway = stack.start("gateway", cdface(
-            "serve", "--port", str(gateway_port), "--db", str(db), "--model-repository", str(repo),
-            "--model", MODEL_NAME, "--triton-url", f"127.0.0.1:{grpc}"), work / "gateway.log", env)
-        base = f"http://127.0.0.1:{gateway_port}"
-        wait_http(base + "/readyz", gateway, "gateway", work / "gateway.log")
-        print(f"\nserving model: {why}\n  {export_dir}")
-        results = demo_calls(base, key, photos)
-        print(f"\nThe stack is up: gateway {base} (API docs {base}/docs), Triton http://127.0.0.1:{http}, "
-              f"metrics {base}/metrics.\nexport CDFACE_KEY={key}")
-        if not args.once:
-            print("Ctrl-C stops it.", flush=True)
-            try:
-                while all(p.poll() is None for _, p in stack.processes):
-                    time.sleep(1)
-                raise CdfaceError("a stack process exited; see the logs in " + str(work))
-            except KeyboardInterrupt:
-                pass
-        return results
-    finally:
-        stack.stop()
-
+    triton = stack.start("Triton Inference Server", cdface(
+        "triton", "serve", str(repo), "--http-port", str(http), "--grpc-port", str(grpc),
+        "--metrics-port", str(metrics)), work / "triton.log")
+    wait_http(f"http://127.0.0.1:{http}/v2/health/ready", triton, "tritonserver", work / "triton.log")
+    env = {**os.environ, "CDFACE_SERVE_LOG_LEVEL": "warning"}
+    gateway = stack.start("gateway", cdface(
+        "serve", "--port", str(gateway_port), "--db", str(db), "--model-repository", str(repo),
+        "--model", MODEL_NAME, "--triton-url", f"127.0.0.1:{grpc}"), work / "gateway.log", env)
+    base = f"http://127.0.0.1:{gateway_port}"
+    wait_http(base + "/readyz", gateway, "gateway", work / "gateway.log")
+    print(f"\nserving model: {why}\n  {export_dir}")
+    results = demo_calls(base, key, photos)
+    print(f"\nThe stack is up: gateway {base} (API docs {base}/docs), Triton http://127.0.0.1:{http}, "
+          f"metrics {base}/metrics.\nexport CDFACE_KEY={key}")
+    if not args.once:
+        print("Ctrl-C (or SIGTERM) stops it.", flush=True)
+        try:
+            while all(p.poll() is None for _, p in stack.processes):
+                time.sleep(1)
+            raise CdfaceError("a stack process exited; see the logs in " + str(work))
+        except KeyboardInterrupt:
+            pass
+    return results
 
 if __name__ == "__main__":
+    # Run as a program (`make demo`): if make or the shell that started the demo goes away, the demo
+    # gets SIGTERM and stops its stack, rather than running on as an orphan.
+    die_with_parent(os.getppid())
     exit_on_error(main, "cdface demo")

@@ -15,9 +15,10 @@ from typing import Optional
 
 import typer
 
+from cdface.core.commandline import command_group
 from cdface.core.errors import CdfaceError, exit_on_error
 
-app = typer.Typer(no_args_is_help=True, help="A local Triton Inference Server for development and demos.")
+app = command_group(help="A local Triton Inference Server for development and demos.")
 
 
 @app.command("setup")
@@ -43,8 +44,9 @@ def serve_command(
     """Run tritonserver in the foreground until Ctrl-C or SIGTERM."""
     from cdface.devtools.triton_local import TritonServer
 
+    # die_with_parent: if this command is killed outright (SIGKILL), the server does not stay behind.
     server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                          explicit=explicit, log_path=log, load_models=load_model or ())
+                          explicit=explicit, log_path=log, load_models=load_model or (), die_with_parent=True)
     stopping = False
 
     def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature

@@ -25,6 +25,7 @@ from typing import BinaryIO
 
 from cdface.core.errors import CdfaceError
 from cdface.core.paths import cache_dir
+from cdface.devtools.processes import dies_with_this_process
 from cdface.devtools.triton_env import ServerEnv, ensure_server_env, file_tail
 
 # Flags measured to work with the bundled server (docs/ENVIRONMENT.md); 4 MiB of shared memory
@@ -119,6 +120,9 @@ class TritonServer:
     with no models loaded (or only ``load_models``) and models are loaded and unloaded at run time
     through the model-repository API. ``host`` is the IPv4 address all three endpoints bind to: two
     servers on 127.0.0.1 and 127.0.0.2 can share the same ports, as two pods behind one DNS name do.
+    With ``die_with_parent=True`` (Linux) the server gets SIGTERM when the thread that started it
+    exits, even if this process is killed outright (``cdface triton serve`` does this); leave it off
+    when a short-lived thread starts the server.
     """
 
     def __init__(
@@ -134,6 +138,7 @@ class TritonServer:
         ready_timeout_s: float = 120.0,
         stop_timeout_s: float = _EXIT_TIMEOUT_S + 10.0,
         host: str = "127.0.0.1",
+        die_with_parent: bool = False,
     ) -> None:
         self.repo = Path(repo).resolve()
         self._ports_given = (http_port, grpc_port, metrics_port)
@@ -144,6 +149,7 @@ class TritonServer:
         self.ready_timeout_s = ready_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.host = host
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen | None = None
         self._log_file: BinaryIO | None = None
 
@@ -237,7 +243,9 @@ class TritonServer:
         # a request; stop() (or the exit hook above) decides how it ends.
         self.process = process = subprocess.Popen(self.command(env), stdout=self._log_file,
                                                   stderr=subprocess.STDOUT, env=self._environ(env),
-                                                  start_new_session=True)
+                                                  start_new_session=True,
+                                                  preexec_fn=dies_with_this_process() if self.die_with_parent
+                                                  else None)
         _RUNNING.add(self)
         try:
             self._wait_ready(process, log_path)

@@ -14,36 +14,42 @@ from cdface.serving.usecases import identities
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES, tags=["gallery"])
 
 
-@router.post("/identities", response_model=s.IdentityOut, status_code=201, summary="Create an identity",
-             dependencies=[require("enroll")])
+@router.post("/identities", response_model=s.IdentityOut, status_code=201, operation_id="create_identity",
+             summary="Create an identity", dependencies=[require("enroll")])
 def create_identity(body: s.IdentityCreate, service: ServiceDep) -> s.IdentityOut:
     created = identities.create_identity(service, body.external_id, body.name, body.metadata)
     return responses.identity(created.identity, created.faces_needing_reenrolment)
 
 
-@router.get("/identities", response_model=s.IdentityPage, summary="List identities (by id, paginated)",
+@router.get("/identities", response_model=s.IdentityPage, operation_id="list_identities",
+            summary="List identities (by id, paginated), optionally by external id or a text search",
             dependencies=[require("identify")])
 def list_identities(service: ServiceDep, limit: int = Query(50, ge=1, le=1000),
                     cursor: str | None = Query(None, max_length=64, description="next_cursor of the previous page"),
+                    external_id: str | None = Query(None, min_length=1, max_length=256,
+                                                    description="Only the identity with exactly this external id."),
+                    q: str | None = Query(None, min_length=1, max_length=256,
+                                          description="Only identities whose name or external id contains this "
+                                                      "text (case-insensitive)."),
                     ) -> s.IdentityPage:
-    page = identities.list_identities(service, limit, cursor)
+    page = identities.list_identities(service, limit, cursor, external_id=external_id, contains=q)
     return s.IdentityPage(items=[responses.identity(i) for i in page.items], next_cursor=page.next_cursor)
 
 
-@router.get("/identities/{identity_id}", response_model=s.IdentityOut, summary="Get an identity",
-            dependencies=[require("identify")])
+@router.get("/identities/{identity_id}", response_model=s.IdentityOut, operation_id="get_identity",
+            summary="Get an identity", dependencies=[require("identify")])
 def get_identity(identity_id: str, service: ServiceDep) -> s.IdentityOut:
     found = identities.get_identity(service, identity_id)
     return responses.identity(found.identity, found.faces_needing_reenrolment)
 
 
-@router.patch("/identities/{identity_id}", response_model=s.IdentityOut,
+@router.patch("/identities/{identity_id}", response_model=s.IdentityOut, operation_id="update_identity",
               summary="Update an identity's external id, name or metadata", dependencies=[require("enroll")])
 def update_identity(identity_id: str, body: s.IdentityUpdate, service: ServiceDep) -> s.IdentityOut:
     return responses.identity(identities.update_identity(service, identity_id, body.model_dump(exclude_unset=True)))
 
 
-@router.delete("/identities/{identity_id}", status_code=204,
+@router.delete("/identities/{identity_id}", status_code=204, operation_id="delete_identity",
                summary="Delete an identity and all its faces (erased from search at once)",
                dependencies=[require("delete")])
 def delete_identity(identity_id: str, service: ServiceDep) -> Response:
@@ -52,7 +58,7 @@ def delete_identity(identity_id: str, service: ServiceDep) -> Response:
 
 
 @router.post("/identities/{identity_id}/faces", response_model=s.EnrollResponse, status_code=201,
-             summary="Enroll faces (one transaction)",
+             operation_id="enroll_faces", summary="Enroll faces (one transaction)",
              openapi_extra=body_doc(s.EnrollRequest, {"images": "files", "retain_crop": {"type": "boolean"}},
                                     ["images"]),
              dependencies=[require("enroll")])
@@ -62,14 +68,29 @@ async def enroll(identity_id: str, service: ServiceDep, body: ParsedBody[s.Enrol
     return s.EnrollResponse(faces=responses.faces(faces, service.model_key))
 
 
-@router.get("/identities/{identity_id}/faces", response_model=s.FaceList, summary="List faces",
-            dependencies=[require("identify")])
-def list_faces(identity_id: str, service: ServiceDep) -> s.FaceList:
-    return s.FaceList(items=responses.faces(identities.list_faces(service, identity_id), service.model_key))
+@router.get("/identities/{identity_id}/faces", response_model=s.FaceList, operation_id="list_faces",
+            summary="List an identity's faces (by id, paginated)", dependencies=[require("identify")])
+def list_faces(identity_id: str, service: ServiceDep, limit: int = Query(100, ge=1, le=1000),
+               cursor: str | None = Query(None, pattern=r"^[0-9]{1,18}$",
+                                          description="next_cursor of the previous page"),
+               ) -> s.FaceList:
+    page = identities.list_faces(service, identity_id, limit, int(cursor) if cursor is not None else None)
+    return s.FaceList(items=responses.faces(page.items, service.model_key), next_cursor=page.next_cursor)
 
 
-@router.delete("/identities/{identity_id}/faces/{face_id}", status_code=204, summary="Delete a face",
-               dependencies=[require("delete")])
+@router.get("/identities/{identity_id}/faces/{face_id}/crop", operation_id="get_face_crop", response_class=Response,
+            summary="The face's retained aligned 112x112 crop (PNG; 'crops' scope)",
+            responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "The aligned crop the face's embedding was made from."}},
+            dependencies=[require("crops")])
+def get_face_crop(identity_id: str, service: ServiceDep, face_id: int = Path(ge=1, le=2**63 - 1)) -> Response:
+    png = identities.face_crop(service, identity_id, face_id)
+    # A face image is personal data: no shared or browser cache may keep it.
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+@router.delete("/identities/{identity_id}/faces/{face_id}", status_code=204, operation_id="delete_face",
+               summary="Delete a face", dependencies=[require("delete")])
 def delete_face(identity_id: str, service: ServiceDep, face_id: int = Path(ge=1, le=2**63 - 1)) -> Response:
     identities.delete_face(service, identity_id, face_id)
     return Response(status_code=204)

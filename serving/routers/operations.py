@@ -19,18 +19,20 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/v1/gallery", response_model=s.GalleryStatusOut, responses=ERROR_RESPONSES,
+            operation_id="gallery_status",
             summary="Gallery status: index size, faces needing re-enrolment, index = store check",
             dependencies=[require("admin")])
 def gallery_status(service: ServiceDep) -> s.GalleryStatusOut:
     return responses.gallery_status(operations.gallery_report(service))
 
 
-@router.get("/healthz", response_model=s.Health, summary="Liveness: the process answers")
+@router.get("/healthz", response_model=s.Health, operation_id="health", summary="Liveness: the process answers")
 async def healthz() -> s.Health:
     return s.Health(status="ok")
 
 
 @router.get("/readyz", response_model=s.ReadinessOut, responses={503: {"model": s.ReadinessOut}},
+            operation_id="readiness",
             summary="Readiness: the gallery is loaded and its database answers (on PostgreSQL: in step); "
                     "`triton` reports the model server, which readiness does not wait for")
 async def readyz(service: ServiceDep) -> Any:
@@ -39,7 +41,7 @@ async def readyz(service: ServiceDep) -> Any:
     return body if result.ready else JSONResponse(body.model_dump(), status_code=503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response, operation_id="metrics")
 async def metrics(service: ServiceDep, registry: MetricsDep) -> Response:
     state = operations.gauges(service)
     body, content_type = registry.render(state.faces_indexed, state.breaker_open)

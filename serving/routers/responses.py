@@ -18,9 +18,15 @@ def model_info(service: FaceService) -> s.ModelInfo:
                        embedding_size=service.manifest.embedding_size, triton_model=service.settings.model)
 
 
-def _detected(found: FoundFace) -> dict[str, Any]:
+def _detected(found: FoundFace | None) -> dict[str, Any]:
+    if found is None:  # a face given as an embedding: nothing was detected
+        return {"image": 0, "box": None, "landmarks": None, "quality": {}}
     face = found.face
     return {"image": found.image, "box": face.box, "landmarks": face.landmarks, "quality": face.quality}
+
+
+def detection(found: list[FoundFace]) -> s.DetectResponse:
+    return s.DetectResponse(faces=[s.DetectedFace(**_detected(f)) for f in found])
 
 
 def _decision(decision: Decision) -> dict[str, Any]:

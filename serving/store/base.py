@@ -116,8 +116,14 @@ class GalleryStore(abc.ABC):
     def get_identity(self, identity_id: str) -> Identity: ...
 
     @abc.abstractmethod
-    def list_identities(self, limit: int, after: str | None = None) -> list[Identity]:
-        """Identities with an id after ``after``, by id in byte order (the cursor of a paginated list)."""
+    def list_identities(self, limit: int, after: str | None = None, external_id: str | None = None,
+                        contains: str | None = None) -> list[Identity]:
+        """Identities with an id after ``after``, by id in byte order (the cursor of a paginated list).
+
+        ``external_id``: only the identity with exactly this external id; ``contains``: only those whose
+        name or external id contains this text, case-insensitively. Both narrow the same id order, so
+        the cursor pages a filtered list like the full one.
+        """
 
     @abc.abstractmethod
     def update_identity(self, identity_id: str, changes: dict[str, Any]) -> Identity: ...
@@ -137,7 +143,12 @@ class GalleryStore(abc.ABC):
         """Add all the faces or none (one transaction)."""
 
     @abc.abstractmethod
-    def list_faces(self, identity_id: str) -> list[Face]: ...
+    def list_faces(self, identity_id: str, limit: int | None = None, after: int | None = None) -> list[Face]:
+        """The identity's faces by id: all of them, or up to ``limit`` with an id above ``after`` (a page)."""
+
+    @abc.abstractmethod
+    def face_crop(self, identity_id: str, face_id: int) -> bytes:
+        """The face's retained aligned crop (PNG); ``NotFound`` when the identity, the face or the crop is absent."""
 
     @abc.abstractmethod
     def delete_face(self, identity_id: str, face_id: int) -> None: ...

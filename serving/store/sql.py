@@ -115,6 +115,7 @@ class SqlStore(GalleryStore):
     blob: str
     int64: str
     byte_order = ""  # appended to text columns in comparisons and ORDER BY
+    lower = "LOWER"  # the SQL function that lower-cases text for case-insensitive search
     unique_violation: type[Exception]
     driver_error: type[Exception]
 
@@ -220,10 +221,22 @@ class SqlStore(GalleryStore):
             raise NotFound(f"no identity with id {identity_id!r}", code="unknown_identity")
         return _identity(rows[0])
 
-    def list_identities(self, limit: int, after: str | None = None) -> list[Identity]:
+    def list_identities(self, limit: int, after: str | None = None, external_id: str | None = None,
+                        contains: str | None = None) -> list[Identity]:
         # Byte order on both databases, so a cursor pages the same way whichever store made it.
         by_id = f"i.id{self.byte_order}"
-        rows = self._read(f"{_IDENTITY} WHERE {by_id} > ? ORDER BY {by_id} LIMIT ?", (after or "", limit))
+        conditions, args = [f"{by_id} > ?"], [after or ""]
+        if external_id is not None:
+            conditions.append("i.external_id = ?")
+            args.append(external_id)
+        if contains is not None:
+            # Both sides lower-cased; LIKE's wildcards in the text are escaped, so it matches literally.
+            pattern = "%" + contains.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            conditions.append(f"({self.lower}(i.name) LIKE ? ESCAPE '\\' OR {self.lower}(i.external_id) LIKE ? "
+                              f"ESCAPE '\\')")
+            args += [pattern, pattern]
+        rows = self._read(f"{_IDENTITY} WHERE {' AND '.join(conditions)} ORDER BY {by_id} LIMIT ?",
+                          (*args, limit))
         return [_identity(r) for r in rows]
 
     def identities_by_id(self, ids: Sequence[str]) -> dict[str, Identity]:
@@ -282,9 +295,23 @@ class SqlStore(GalleryStore):
             self._run(db, "UPDATE identities SET updated = ? WHERE id = ?", (utc_now(), identity_id))
         return out
 
-    def list_faces(self, identity_id: str) -> list[Face]:
+    def list_faces(self, identity_id: str, limit: int | None = None, after: int | None = None) -> list[Face]:
         self.get_identity(identity_id)
-        return [_face(r) for r in self._read(_FACE + " WHERE identity_id = ? ORDER BY id", (identity_id,))]
+        sql, args = _FACE + " WHERE identity_id = ? AND id > ? ORDER BY id", [identity_id, after or 0]
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [_face(r) for r in self._read(sql, tuple(args))]
+
+    def face_crop(self, identity_id: str, face_id: int) -> bytes:
+        rows = self._read("SELECT crop FROM faces WHERE id = ? AND identity_id = ?", (face_id, identity_id))
+        if not rows:
+            self.get_identity(identity_id)  # unknown_identity before unknown_face
+            raise NotFound(f"identity {identity_id!r} has no face {face_id}", code="unknown_face")
+        if rows[0][0] is None:
+            raise NotFound(f"face {face_id} has no retained crop (enrolled with retain_crop off)",
+                           code="no_retained_crop")
+        return bytes(rows[0][0])
 
     def delete_face(self, identity_id: str, face_id: int) -> None:
         with self._transaction() as db:

@@ -21,6 +21,10 @@ from cdface.serving.store.sql import SqlStore
 POLL_S = 0.1  # how often wait_for_change reads the change log
 
 
+def _lower(text: str | None) -> str | None:
+    return text.lower() if text is not None else None
+
+
 class SQLiteStore(SqlStore):
     """One SQLite file, WAL, FULL sync, one connection shared under a lock."""
 
@@ -29,6 +33,7 @@ class SQLiteStore(SqlStore):
     int64 = "INTEGER"
     unique_violation = sqlite3.IntegrityError
     driver_error = sqlite3.DatabaseError
+    lower = "cdface_lower"  # SQLite's own LOWER folds ASCII only; this one is Python's str.lower
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -45,6 +50,7 @@ class SQLiteStore(SqlStore):
         db.execute("PRAGMA synchronous=FULL")  # acknowledged = on disk, even across power loss
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA busy_timeout=30000")
+        db.create_function("cdface_lower", 1, _lower, deterministic=True)
         return db
 
     @contextlib.contextmanager

@@ -31,13 +31,22 @@ class IdentityPage:
     next_cursor: str | None  # the id to list after for the next page; None on the last page
 
 
+@dataclass(frozen=True)
+class FacePage:
+    items: list[Face]
+    next_cursor: str | None  # the face id to list after for the next page; None on the last page
+
+
 def create_identity(service: FaceService, external_id: str | None, name: str | None,
                     metadata: dict[str, Any]) -> IdentityDetail:
     return IdentityDetail(service.store.create_identity(external_id, name, metadata), 0)
 
 
-def list_identities(service: FaceService, limit: int, cursor: str | None) -> IdentityPage:
-    items = service.store.list_identities(limit + 1, cursor)  # one more: is there a next page?
+def list_identities(service: FaceService, limit: int, cursor: str | None, external_id: str | None = None,
+                    contains: str | None = None) -> IdentityPage:
+    """A page of identities by id, narrowed to an exact ``external_id`` and/or a ``contains`` text search."""
+    # one more than asked: is there a next page?
+    items = service.store.list_identities(limit + 1, cursor, external_id=external_id, contains=contains)
     page = items[:limit]
     return IdentityPage(page, page[-1].id if len(items) > limit else None)
 
@@ -75,8 +84,16 @@ async def enroll(service: FaceService, identity_id: str, images: list[ImageIn], 
     return await to_thread.run_sync(store)
 
 
-def list_faces(service: FaceService, identity_id: str) -> list[Face]:
-    return service.store.list_faces(identity_id)
+def list_faces(service: FaceService, identity_id: str, limit: int, cursor: int | None) -> FacePage:
+    """A page of the identity's faces by id (``cursor``: the last face id of the previous page)."""
+    items = service.store.list_faces(identity_id, limit + 1, cursor)  # one more: is there a next page?
+    page = items[:limit]
+    return FacePage(page, str(page[-1].id) if len(items) > limit else None)
+
+
+def face_crop(service: FaceService, identity_id: str, face_id: int) -> bytes:
+    """The retained aligned crop of a face, PNG (``NotFound`` when there is none)."""
+    return service.store.face_crop(identity_id, face_id)
 
 
 def delete_face(service: FaceService, identity_id: str, face_id: int) -> None:

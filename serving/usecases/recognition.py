@@ -1,4 +1,7 @@
-"""Recognition: embeddings of the faces in images, 1:1 verification and 1:N identification.
+"""Recognition: face detection, embeddings of the faces in images, 1:1 verification and 1:N identification.
+
+Verification and identification take a face as an image or as an embedding the caller made with the
+served model (``given_embedding`` checks and normalises it); a given embedding costs no Triton call.
 
 A match is decided by ``Decision.accepts``, the one place serving applies the match rule
 (``cdface.core.matching.is_match``: similarity strictly above the threshold), the rule evaluation
@@ -8,7 +11,7 @@ picked the manifest's thresholds with.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from anyio import to_thread
@@ -56,9 +59,35 @@ class EmbeddedFaces:
     vectors: np.ndarray  # float32 [len(faces), D], L2-normalised
 
 
+async def detect(service: FaceService, images: list[ImageIn]) -> list[FoundFace]:
+    """The faces in ``images`` (boxes, landmarks, quality) without embedding them: no Triton call."""
+    return await find_faces(service, images)
+
+
 async def embed(service: FaceService, images: list[ImageIn]) -> EmbeddedFaces:
     faces = await find_faces(service, images)
     return EmbeddedFaces(faces, await embed_faces(service.embedder, faces))
+
+
+def given_embedding(service: FaceService, values: Sequence[float], field: str) -> np.ndarray:
+    """A caller's embedding as a float32 unit vector; refused unless it has the served model's size and is finite."""
+    size = service.manifest.embedding_size
+    vector = np.asarray(values, dtype=np.float64)
+    if vector.shape != (size,):
+        raise InvalidRequest(f"'{field}' has {vector.size} values; the served model {service.model_key} makes "
+                             f"{size}-d embeddings", code="embedding_size_mismatch")
+    if not np.isfinite(vector).all():
+        raise InvalidRequest(f"'{field}' holds a value that is not a finite number", code="embedding_not_finite")
+    peak = float(np.abs(vector).max())
+    if peak == 0.0:
+        raise InvalidRequest(f"'{field}' is all zeros: it has no direction to compare", code="embedding_zero")
+    vector = vector / peak  # first to the unit cube: squaring 1e200 would overflow the norm
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
+
+
+def _one_probe(image: ImageIn | None, embedding: Sequence[float] | None) -> None:
+    if (image is None) == (embedding is None):
+        raise InvalidRequest("give exactly one of 'image' and 'embedding'", code="image_or_embedding")
 
 
 @dataclass(frozen=True)
@@ -70,24 +99,40 @@ class Verification:
     faces: list[FoundFace]  # the face compared from each image
 
 
-async def verify(service: FaceService, image: ImageIn, other: ImageIn | None, identity_id: str | None,
-                 far: float | None) -> Verification:
-    """``image`` against ``other`` (another image) or against ``identity_id``'s enrolled faces (its best one)."""
+@dataclass(frozen=True)
+class VerifyTarget:
+    """What the probe is compared with: exactly one of another image, another embedding, an enrolled identity."""
+
+    other: ImageIn | None = None
+    other_embedding: Sequence[float] | None = None
+    identity_id: str | None = None
+
+
+async def verify(service: FaceService, image: ImageIn | None, embedding: Sequence[float] | None,
+                 target: VerifyTarget, far: float | None) -> Verification:
+    """The probe (``image`` or ``embedding``) against ``target``: another face, or an identity's best face."""
+    _one_probe(image, embedding)
     decision = decide(service, far)
-    if identity_id is not None:
-        await to_thread.run_sync(service.store.get_identity, identity_id)  # 404 before any inference
-    found = await find_faces(service, [image] + ([other] if other is not None else []))
+    given = [given_embedding(service, values, name) for values, name in
+             ((embedding, "embedding"), (target.other_embedding, "other_embedding")) if values is not None]
+    if target.identity_id is not None:
+        await to_thread.run_sync(service.store.get_identity, target.identity_id)  # 404 before any inference
+    images = [i for i in (image, target.other) if i is not None]
+    found = await find_faces(service, images) if images else []
     faces = [f for f in found if f.image == 0][:1] + [f for f in found if f.image == 1][:1]
-    vectors = await embed_faces(service.embedder, faces)
-    if identity_id is not None:
-        enrolled = await to_thread.run_sync(service.gallery.identity_embeddings, identity_id)
+    embedded = list(await embed_faces(service.embedder, faces)) if faces else []
+    # The probe first, then the other face (when the target is one): from an image or given.
+    vectors = [embedded.pop(0) if image is not None else given.pop(0)]
+    if target.identity_id is None:
+        vectors.append(embedded.pop(0) if target.other is not None else given.pop(0))
+        similarity = cosine(vectors[0] @ vectors[1])
+    else:
+        enrolled = await to_thread.run_sync(service.gallery.identity_embeddings, target.identity_id)
         if enrolled.size == 0:
-            raise InvalidRequest(f"identity {identity_id!r} has no faces made by the served model "
+            raise InvalidRequest(f"identity {target.identity_id!r} has no faces made by the served model "
                                  f"{service.model_key}", code="identity_has_no_faces")
         similarity = cosine((enrolled @ vectors[0]).max())
-    else:
-        similarity = cosine(vectors[0] @ vectors[1])
-    return Verification(decision, similarity, decision.accepts(similarity), identity_id, faces)
+    return Verification(decision, similarity, decision.accepts(similarity), target.identity_id, faces)
 
 
 @dataclass(frozen=True)
@@ -100,7 +145,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class IdentifiedFace:
-    face: FoundFace
+    face: FoundFace | None  # None for a given embedding
     candidates: list[Candidate]  # best first
     match: Candidate | None  # the best candidate, when it is a match
 
@@ -111,13 +156,20 @@ class Identification:
     faces: list[IdentifiedFace]
 
 
-async def identify(service: FaceService, image: ImageIn, top_k: int, far: float | None) -> Identification:
-    """Per face in ``image``, the ``top_k`` most similar enrolled identities."""
+async def identify(service: FaceService, image: ImageIn | None, embedding: Sequence[float] | None, top_k: int,
+                   far: float | None) -> Identification:
+    """Per face in ``image`` (or for the given ``embedding``), the ``top_k`` most similar enrolled identities."""
+    _one_probe(image, embedding)
     if top_k > service.settings.max_top_k:
         raise InvalidRequest(f"top_k must be at most {service.settings.max_top_k}")
     decision = decide(service, far)
-    found = await find_faces(service, [image])
-    vectors = await embed_faces(service.embedder, found)
+    found: list[FoundFace | None]
+    if image is not None:
+        detected = await find_faces(service, [image])
+        found, vectors = list(detected), await embed_faces(service.embedder, detected)
+    else:
+        assert embedding is not None
+        found, vectors = [None], given_embedding(service, embedding, "embedding")[None]
     hits = await to_thread.run_sync(service.gallery.search, vectors, top_k)
     identities = await to_thread.run_sync(service.store.identities_by_id, [c.identity_id for row in hits for c in row])
     faces = []

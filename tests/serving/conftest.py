@@ -91,7 +91,8 @@ def _free_port() -> int:
 
 
 def start_gateway(workdir: Path, triton_url: str, model_repo: Path, *, db: Path | None = None,
-                  keys: dict[str, str] | None = None, extra_env: dict | None = None) -> Gateway:
+                  keys: dict[str, str] | None = None, extra_env: dict | None = None,
+                  args: tuple[str, ...] = ()) -> Gateway:
     from cdface.serving.auth import create_key
     from cdface.serving.store import SQLiteStore
 
@@ -111,7 +112,7 @@ def start_gateway(workdir: Path, triton_url: str, model_repo: Path, *, db: Path 
            "CDFACE_SERVE_MAX_IMAGE_BYTES": str(8 * 1024 * 1024), **(extra_env or {})}
     log = workdir / f"gateway-{port}.log"
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cdface.serving.cli", "serve"], cwd=REPO_ROOT, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "cdface.serving.cli", "serve", *args], cwd=REPO_ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     gw = Gateway(f"http://127.0.0.1:{port}", proc, db, env, log, keys)
     deadline = time.monotonic() + 60

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 OPEN = {"/healthz", "/readyz", "/metrics"}
 SCOPE = {  # (method, path) -> scope needed
     ("post", "/v1/embeddings"): "embed",
+    ("post", "/v1/detect"): "embed",
     ("post", "/v1/verify"): "verify",
     ("post", "/v1/identify"): "identify",
     ("post", "/v1/identities"): "enroll",
@@ -25,6 +26,7 @@ SCOPE = {  # (method, path) -> scope needed
     ("post", "/v1/identities/{identity_id}/faces"): "enroll",
     ("get", "/v1/identities/{identity_id}/faces"): "identify",
     ("delete", "/v1/identities/{identity_id}/faces/{face_id}"): "delete",
+    ("get", "/v1/identities/{identity_id}/faces/{face_id}/crop"): "crops",  # no fixture key has it: admin only
     ("get", "/v1/gallery"): "admin",
 }
 

@@ -107,7 +107,7 @@ def test_targets_naming_several_servers_are_balanced_round_robin():
     assert dict(channel_args("dns:///t:8001"))["grpc.max_reconnect_backoff_ms"] == 1000  # quick reconnects kept
 
 
-def test_serve_passes_the_graceful_timeout_to_uvicorn(monkeypatch, tmp_path):
+def test_serve_passes_the_graceful_timeout_to_uvicorn(monkeypatch, tmp_path, model_repo):
     import uvicorn
 
     from cdface.serving.cli import serve_command
@@ -115,7 +115,8 @@ def test_serve_passes_the_graceful_timeout_to_uvicorn(monkeypatch, tmp_path):
     seen: dict = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(kwargs))
     monkeypatch.setenv("CDFACE_SERVE_GRACEFUL_TIMEOUT_S", "45")
-    serve_command(host=None, port=None, db=tmp_path / "g.db", model_repository=None, model=None, triton_url=None)
+    serve_command(host=None, port=None, db=tmp_path / "g.db", create=True, model_repository=model_repo, model="face",
+                  triton_url=None)
     assert seen["timeout_graceful_shutdown"] == 45
     monkeypatch.delenv("CDFACE_SERVE_GRACEFUL_TIMEOUT_S")
     assert Settings().graceful_timeout_s == 20

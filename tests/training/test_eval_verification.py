@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from cdface.core.errors import CdfaceError
 from cdface.training.evaluation.verification import (
     accuracies_at_thresholds,
     best_threshold,
@@ -99,5 +100,5 @@ def test_bad_inputs():
         verification_accuracy(np.array([0.1, np.nan] * 10), np.array([True, False] * 10))
     with pytest.raises(ValueError):
         pair_similarities(np.zeros((3, 4)))
-    with pytest.raises(ValueError):
+    with pytest.raises(CdfaceError, match="needs at least 10 pairs"):  # the CLI's one line, not a traceback
         kfold_indices(5, 10)

@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cdface.training.heads import ArcFace, CosFace
+from cdface.training.heads import ArcFaceMargin, CosFaceMargin, MarginHead, init_class_centres, top_negatives
+
+
+def ArcFace(embedding_size, num_classes, scale=64.0, margin=0.5, num_hard_negatives=500):  # noqa: N802
+    return MarginHead(embedding_size, num_classes, ArcFaceMargin(margin), scale, num_hard_negatives)
+
+
+def CosFace(embedding_size, num_classes, scale=64.0, margin=0.4, num_hard_negatives=500):  # noqa: N802
+    return MarginHead(embedding_size, num_classes, CosFaceMargin(margin), scale, num_hard_negatives)
 
 
 def _cosines(head, emb):
@@ -42,7 +50,8 @@ def test_cosface_loss_matches_hand_computation():
     cos = _cosines(head, emb)
     logits = cos.clone()
     logits[torch.arange(4), labels] -= 0.4
-    assert float(head(emb, labels).loss.detach()) == pytest.approx(float(F.cross_entropy(30.0 * logits, labels)), rel=1e-5)
+    expected = F.cross_entropy(30.0 * logits, labels)
+    assert float(head(emb, labels).loss.detach()) == pytest.approx(float(expected), rel=1e-5)
 
 
 @pytest.mark.parametrize("head_cls", [ArcFace, CosFace])
@@ -55,7 +64,7 @@ def test_hard_negatives_exclude_own_class_and_equal_brute_force_topk(head_cls):
     # Make the own class the most similar centre for every sample: it must still be excluded.
     with torch.no_grad():
         head.weight[labels] = emb * 10
-    out = head(emb, labels)
+    out = head(emb, labels, negatives_for=torch.arange(32))
     cos = _cosines(head, emb)
     for i in range(32):
         assert int(labels[i]) not in out.hard_negatives[i].tolist()
@@ -65,5 +74,27 @@ def test_hard_negatives_exclude_own_class_and_equal_brute_force_topk(head_cls):
 
 def test_hard_negatives_capped_by_number_of_classes():
     head = ArcFace(4, 5, num_hard_negatives=500)
-    out = head(torch.randn(3, 4), torch.tensor([0, 1, 2]))
-    assert out.hard_negatives.shape == (3, 4)
+    out = head(torch.randn(3, 4), torch.tensor([0, 1, 2]), negatives_for=torch.tensor([0, 2]))
+    assert out.hard_negatives.shape == (2, 4)
+    assert head(torch.randn(3, 4), torch.tensor([0, 1, 2])).hard_negatives is None  # no search unless asked
+
+
+def test_top_negatives_order_ties_by_index_whatever_topk_picks():
+    # Many exact ties: the k-th value is shared by more columns than fit, so the lower indices win.
+    cos = torch.tensor([[0.5, 0.25, 0.5, 0.5, 0.25, 0.5, 0.0],
+                        [0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25]])
+    values, indices = top_negatives(cos, torch.tensor([2, -1]), 4)
+    assert indices.tolist() == [[0, 3, 5, 1], [0, 1, 2, 3]]
+    assert values.tolist() == [[0.5, 0.5, 0.5, 0.25], [0.25] * 4]
+
+
+def test_centre_init_by_blocks_is_the_same_stream_for_any_row_range():
+    torch.manual_seed(3)
+    full = init_class_centres(10_000, 16)
+    for start, end in [(0, 4096), (4000, 4200), (9999, 10_000), (5000, 10_000)]:
+        torch.manual_seed(3)
+        assert torch.equal(init_class_centres(10_000, 16, start, end), full[start:end])
+    torch.manual_seed(3)  # the same values as one normal_ call (the replicated head's init until now)
+    blocked = init_class_centres(5000, 32)
+    torch.manual_seed(3)
+    assert torch.equal(blocked, torch.empty(5000, 32).normal_(std=0.01))

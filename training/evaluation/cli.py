@@ -17,9 +17,10 @@ from typing import Any, Optional
 
 import typer
 
+from cdface.core.commandline import command_group
 from cdface.core.errors import CdfaceError, exit_on_error
 
-app = typer.Typer(no_args_is_help=True, help="Evaluate a checkpoint (.pt) or an exported ONNX model (.onnx).")
+app = command_group(help="Evaluate a checkpoint (.pt) or an exported ONNX model (.onnx).")
 
 _MODEL_HELP = "a .pt training checkpoint or an exported .onnx model"
 _FLIP = typer.Option(True, "--flip/--no-flip", help="add the mirrored image's embedding (standard protocol)")

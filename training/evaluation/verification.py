@@ -56,7 +56,8 @@ def kfold_indices(num_pairs: int, num_folds: int = 10) -> list[tuple[np.ndarray,
     if num_folds < 2:
         raise ValueError("need at least 2 folds")
     if num_pairs < num_folds:
-        raise ValueError(f"{num_pairs} pairs cannot be split into {num_folds} folds")
+        raise CdfaceError(f"{num_pairs} pairs cannot be split into {num_folds} folds: a verification set needs "
+                          f"at least {num_folds} pairs")
     sizes = np.full(num_folds, num_pairs // num_folds, dtype=np.int64)
     sizes[: num_pairs % num_folds] += 1
     bounds = np.concatenate([[0], np.cumsum(sizes)])

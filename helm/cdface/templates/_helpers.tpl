@@ -219,6 +219,9 @@ priorityClassName: {{ include "cdface.priorityClass.fullname" (dict "ctx" .ctx "
 {{- if eq .Values.database.mode "sqlite" }}
 - name: CDFACE_SERVE_DB_PATH
   value: {{ .Values.database.sqlite.path | quote }}
+# The volume starts empty: the first gateway creates the gallery file (elsewhere a missing file is refused).
+- name: CDFACE_SERVE_CREATE_DB
+  value: "true"
 {{- else if eq .Values.database.mode "postgresql" }}
 {{- $pg := .Values.database.postgresql }}
 # libpq (and psycopg over it) reads the password from PGPASSWORD: the URL carries none, so no
