@@ -65,6 +65,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.triton_batching --quick
 	$(BIN)/python -m benchmarks.gateway_embeddings --quick
 	$(BIN)/python -m benchmarks.identify_scale --quick
+	$(BIN)/python -m benchmarks.sharded_head --quick
 	$(BIN)/python -m benchmarks.report
 
 clean:

@@ -4,7 +4,7 @@ The wheel maps the top-level stage folders into ``cdface.training``, ``cdface.ex
 ``cdface.serving``; nothing named ``training``, ``export`` or ``serving`` may reach site-packages,
 where it would collide with users' own modules. The gateway image installs ``.[serve]`` only, so a
 fresh virtual environment with just that extra must start the gateway and answer through a real
-Triton server.
+Triton server. `make demo` installs the `demo` extra only (no torch): that must run the whole demo.
 """
 
 from __future__ import annotations
@@ -160,3 +160,25 @@ def test_gateway_starts_and_embeds_from_the_serve_extra_alone(serve_only_venv, t
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_demo_runs_from_the_demo_extra_alone(tmp_path):
+    """`make demo`'s environment (.venv-serve: `pip install -e .[demo]`, no torch) runs the whole demo:
+    the stack comes up and the real photos are identified."""
+    source = _copy_source(tmp_path / "src")
+    root = tmp_path / "venv-serve"
+    venv.EnvBuilder(with_pip=True).create(root)
+    python = root / "bin" / "python"
+    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e",
+                           f"{source}[demo]"], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _run(python, "import torch", tmp_path).returncode != 0  # the point: no torch
+    # From an empty folder, as `make demo` would from a fresh clone (no exports/: SFace is served).
+    demo = subprocess.run([str(python), "-m", "cdface.devtools.stack_demo", "--workdir", str(tmp_path / "demo"),
+                           "--once", "--port", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert demo.returncode == 0, (demo.stdout + demo.stderr)[-3000:]
+    for line in ("obama2.jpg: match: Barack Obama", "obama3.jpg: match: Barack Obama",
+                 "obama.jpg vs biden.jpg: match=False", "6 faces found in t1.jpg"):
+        assert line in demo.stdout, demo.stdout[-3000:]
+    assert "stopped gateway" in demo.stdout and "stopped Triton Inference Server" in demo.stdout

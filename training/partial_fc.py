@@ -154,6 +154,17 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         return out * (grad / probabilities.shape[0]), None, None
 
 
+def _cosines(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Cosines of unit rows ``x`` against the rows of ``weight``, without a normalised copy of ``weight``.
+
+    Scaling the product's columns by 1 / ||w|| instead of normalising W first keeps autograd from
+    holding a second C/W x D matrix and its gradient: the head's peak memory is what shrinks here.
+    """
+    weight = weight.float()
+    inverse_norm = 1.0 / weight.norm(dim=1).clamp_min(1e-12)
+    return ((x @ weight.t()) * inverse_norm).clamp(-1.0, 1.0)
+
+
 class ShardedMarginHead(nn.Module):
     """The margin head with its class centres split across the ranks of ``group`` (default: the world)."""
 
@@ -185,7 +196,7 @@ class ShardedMarginHead(nn.Module):
                 column = torch.searchsorted(classes, column.clamp(min=0))
             column = torch.where(owned, column, torch.full_like(column, -1))
             weight = self.weight if classes is None else self.weight[classes]
-            cos = (x @ F.normalize(weight.float(), dim=1).t()).clamp(-1.0, 1.0)
+            cos = _cosines(x, weight)
             rows = torch.nonzero(owned).flatten()
             target_cos = cos[rows, column[rows]]
             logits = cos.index_put((rows, column[rows]), self.margin(target_cos)) * self.scale
@@ -219,7 +230,7 @@ class ShardedMarginHead(nn.Module):
         requested = comm.all_gather_varying(my_rows)
         rows = torch.cat(requested)
         with torch.no_grad():
-            cos = (x[rows] @ F.normalize(self.weight.detach().float(), dim=1).t()).clamp(-1.0, 1.0)
+            cos = _cosines(x[rows], self.weight.detach())
             own = all_labels[rows] - self.start
             own = torch.where((own >= 0) & (own < self.end - self.start), own, torch.full_like(own, -1))
             values, indices = top_negatives(cos, own, min(k, cos.shape[1]))

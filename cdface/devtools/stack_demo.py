@@ -11,14 +11,14 @@ gallery. The model served is, in order: ``--model``; else the newest export unde
 (where you put the models you trained and exported); else OpenCV Zoo's SFace wrapped into the
 cdface contract, since no face data set exists here to train a real face model on.
 
-The demo enrolls people from real photos, then identifies and verifies other photos of them,
-printing each call as a curl line you can copy while the stack keeps running.
+The demo enrolls people from real photos, then identifies and verifies other photos of them through
+the Python client (``cdface.client``), printing each call as the line you would write (identify also
+as a curl line you can copy while the stack keeps running).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import shlex
@@ -149,62 +149,58 @@ def show_call(method: str, url: str, *, files: dict[str, Path] | None = None,
 
 
 def demo_calls(base: str, key: str, photos: dict[str, Path]) -> dict:
-    """Enroll, identify, verify: each printed as curl, sent with httpx, answered in one line."""
-    import httpx
+    """Enroll, identify, verify through the Python client (``cdface.client``): each call printed as
+    the line you would write, answered in one line; identify also as the equivalent curl request."""
+    from cdface.client import Client, FaceImage
 
-    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    def show(call: str) -> None:
+        print(f">>> {call}", flush=True)
 
-    def post(path: str, **kwargs) -> dict:
-        show_call("POST", base + path, files=kwargs.pop("show_files", None), form=kwargs.get("data"),
-                  body=kwargs.get("json"))
-        response = client.post(path, **kwargs)
-        if response.status_code >= 400:
-            raise CdfaceError(f"POST {path} answered {response.status_code}: {response.text[:300]}")
-        return response.json()
-
-    def upload(name: str) -> dict:
-        return {"images": (photos[name].name, photos[name].read_bytes(), "image/jpeg")}
-
-    print(f"\n$ export CDFACE_KEY={key}   # the demo's admin key, used by every curl line below")
+    print(f"\n>>> from cdface.client import Client, FaceImage\n>>> client = Client({base!r}, api_key={key!r})")
+    client = Client(base, api_key=key, timeout=120)
     print("\n== enroll: one identity per person, a face from a photo (detected and aligned by the gateway)")
     people = {"obama": ("Barack Obama", "obama"), "biden": ("Joe Biden", "biden")}
     ids = {}
     for person, (name, photo) in people.items():
-        ids[person] = post("/v1/identities", json={"external_id": person, "name": name})["id"]
-        post(f"/v1/identities/{ids[person]}/faces", files=upload(photo), show_files={"images": photos[photo]})
+        show(f"person = client.create_identity(external_id={person!r}, name={name!r})")
+        ids[person] = client.create_identity(external_id=person, name=name).id
+        show(f"client.enroll(person.id, {str(photos[photo])!r})")
+        client.enroll(ids[person], photos[photo])
         print(f"   enrolled {name} as {ids[person]}")
 
-    print("\n== enroll every face of a group photo as its own identity (detect_all)")
-    faces = post("/v1/embeddings", files=upload("t1"), data={"mode": "detect_all"},
-                 show_files={"images": photos["t1"]})["faces"]
+    print("\n== enroll every face of a group photo as its own identity (detect, then one face each by landmarks)")
+    show(f"faces = client.detect({str(photos['t1'])!r}, mode='detect_all').faces")
+    faces = client.detect(photos["t1"], mode="detect_all").faces
+    show("for i, face in enumerate(faces): client.enroll(client.create_identity(external_id=f't1-person-{i + 1}').id, "
+         "FaceImage(photo, mode='landmarks', landmarks=face.landmarks))")
     for i, face in enumerate(faces):
-        ident = client.post("/v1/identities", json={"external_id": f"t1-person-{i + 1}"}).json()["id"]
-        client.post(f"/v1/identities/{ident}/faces", json={"images": [{
-            "data": base64.b64encode(photos["t1"].read_bytes()).decode(), "mode": "landmarks",
-            "landmarks": face["landmarks"]}]}).raise_for_status()
+        ident = client.create_identity(external_id=f"t1-person-{i + 1}").id
+        client.enroll(ident, FaceImage(photos["t1"], mode="landmarks", landmarks=face.landmarks))
     print(f"   {len(faces)} faces found in {photos['t1'].name}, each enrolled separately")
 
     results: dict[str, Any] = {"ids": ids, "group_faces": len(faces), "identify": {}}
-    print("\n== identify (1:N): who is in these other photos?")
+    print("\n== identify (1:N): who is in these other photos?  (each also as curl, with "
+          f"$ export CDFACE_KEY={key})")
     for probe in ("obama2", "obama3"):
-        answer = post("/v1/identify", files={"image": upload(probe)["images"]}, data={"top_k": "3"},
-                      show_files={"image": photos[probe]})
-        face = answer["faces"][0]
-        best = face["candidates"][0]
-        verdict = f"match: {face['match']['name'] or face['match']['external_id']}" if face["match"] else "no match"
-        print(f"   {photos[probe].name}: {verdict} (similarity {best['similarity']:.3f}, threshold "
-              f"{answer['threshold']:.3f}, {answer['threshold_source']})")
-        results["identify"][probe] = face["match"]["external_id"] if face["match"] else None
+        show(f"client.identify({str(photos[probe])!r}, top_k=3)")
+        show_call("POST", base + "/v1/identify", files={"image": photos[probe]}, form={"top_k": "3"})
+        answer = client.identify(photos[probe], top_k=3)
+        face = answer.faces[0]
+        best = face.candidates[0]
+        verdict = f"match: {face.match.name or face.match.external_id}" if face.match else "no match"
+        print(f"   {photos[probe].name}: {verdict} (similarity {best.similarity:.3f}, threshold "
+              f"{answer.threshold:.3f}, {answer.threshold_source})")
+        results["identify"][probe] = face.match.external_id if face.match else None
 
     print("\n== verify (1:1): Obama's photo against Biden's, and a new Obama photo against the enrolled Obama")
-    versus = post("/v1/verify", files={"image": upload("obama")["images"], "other": upload("biden")["images"]},
-                  show_files={"image": photos["obama"], "other": photos["biden"]})
-    print(f"   obama.jpg vs biden.jpg: match={versus['match']} (similarity {versus['similarity']:.3f})")
-    same = post("/v1/verify", files={"image": upload("obama3")["images"]}, data={"identity_id": ids["obama"]},
-                show_files={"image": photos["obama3"]})
-    print(f"   obama3.jpg vs identity {ids['obama']}: match={same['match']} (similarity {same['similarity']:.3f})")
-    results["verify_obama_biden"] = versus["match"]
-    results["verify_obama3_obama"] = same["match"]
+    show(f"client.verify({str(photos['obama'])!r}, other={str(photos['biden'])!r})")
+    versus = client.verify(photos["obama"], other=photos["biden"])
+    print(f"   obama.jpg vs biden.jpg: match={versus.match} (similarity {versus.similarity:.3f})")
+    show(f"client.verify({str(photos['obama3'])!r}, identity_id={ids['obama']!r})")
+    same = client.verify(photos["obama3"], identity_id=ids["obama"])
+    print(f"   obama3.jpg vs identity {ids['obama']}: match={same.match} (similarity {same.similarity:.3f})")
+    results["verify_obama_biden"] = versus.match
+    results["verify_obama3_obama"] = same.match
     client.close()
     return results
 

@@ -29,6 +29,7 @@ def test_demo_brings_up_the_stack_and_answers_on_real_photos(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "serving model: SFace" in out
     assert "curl -s -X POST" in out and "/v1/identify" in out
+    assert ">>> client.identify(" in out and ">>> client.verify(" in out  # the demo speaks through cdface.client
     assert "stopped gateway" in out and "stopped Triton Inference Server" in out
 
 
