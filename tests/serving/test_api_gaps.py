@@ -14,6 +14,8 @@ from PIL import Image
 
 from cdface.serving.store import ModelKey, NewFace, NotFound, SQLiteStore
 
+from tests.serving.test_postgres_store import store, vec  # noqa: F401 (the store fixture, on both databases)
+
 from .conftest import b64, start_gateway
 
 pytestmark = pytest.mark.slow
@@ -22,23 +24,6 @@ MODEL = ModelKey("face", 1)
 
 
 # -- the store's queries, on both databases ------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        s = SQLiteStore(tmp_path / "g.db")
-    else:
-        from cdface.serving.store.postgres import PostgresStore
-
-        s = PostgresStore(request.getfixturevalue("postgres_url"))
-    yield s
-    s.close()
-
-
-def _unit(seed: int, dim: int = 8) -> np.ndarray:
-    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
-    return v / np.linalg.norm(v)
 
 
 def test_store_lists_identities_by_exact_external_id_and_by_case_insensitive_text(store):
@@ -77,9 +62,9 @@ def test_sqlite_text_search_folds_case_beyond_ascii(tmp_path):
 
 def test_store_pages_an_identitys_faces_and_returns_retained_crops(store):
     person, other = store.create_identity("p", None, {}), store.create_identity("o", None, {})
-    faces = store.add_faces(person.id, [NewFace(_unit(i), MODEL, crop=b"png-%d" % i if i % 2 == 0 else None)
+    faces = store.add_faces(person.id, [NewFace(vec(i), MODEL, crop=b"png-%d" % i if i % 2 == 0 else None)
                                         for i in range(5)])
-    store.add_faces(other.id, [NewFace(_unit(9), MODEL)])  # interleaved ids must not leak into the pages
+    store.add_faces(other.id, [NewFace(vec(9), MODEL)])  # interleaved ids must not leak into the pages
     first = store.list_faces(person.id, 2)
     second = store.list_faces(person.id, 2, first[-1].id)
     third = store.list_faces(person.id, 2, second[-1].id)

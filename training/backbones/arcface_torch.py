@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -83,34 +83,30 @@ def _ours_to_theirs(key: str) -> str | None:
     return None
 
 
-def from_arcface_torch(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """arcface_torch keys -> the project's IResNet keys (tensors unchanged); unknown keys are an error."""
+def _renamed(state: Mapping[str, torch.Tensor], rename: Callable[[str], str | None],
+             refusal: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, tensor in state.items():
-        ours = _theirs_to_ours(key)
-        if ours is None:
+        new = rename(key)
+        if new is None:
             unknown.append(key)
         else:
-            out[ours] = tensor
+            out[new] = tensor
     if unknown:
-        raise CdfaceError(f"not an arcface_torch IResNet state dict: unexpected keys {_few(unknown)}")
+        raise CdfaceError(f"{refusal} {_few(unknown)}")
     return out
+
+
+def from_arcface_torch(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """arcface_torch keys -> the project's IResNet keys (tensors unchanged); unknown keys are an error."""
+    return _renamed(state, _theirs_to_ours, "not an arcface_torch IResNet state dict: unexpected keys")
 
 
 def to_arcface_torch(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The project's IResNet keys -> arcface_torch's (the inverse of ``from_arcface_torch``)."""
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, tensor in state.items():
-        theirs = _ours_to_theirs(key)
-        if theirs is None:
-            unknown.append(key)
-        else:
-            out[theirs] = tensor
-    if unknown:
-        raise CdfaceError(f"these IResNet weights have no arcface_torch counterpart (squeeze-excite?): {_few(unknown)}")
-    return out
+    return _renamed(state, _ours_to_theirs,
+                    "these IResNet weights have no arcface_torch counterpart (squeeze-excite?):")
 
 
 def _few(keys: list[str]) -> str:
