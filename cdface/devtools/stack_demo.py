@@ -259,8 +259,8 @@ def run_demo(args: argparse.Namespace, stack: Stack) -> dict:
     wait_http(base + "/readyz", gateway, "gateway", work / "gateway.log")
     print(f"\nserving model: {why}\n  {export_dir}")
     results = demo_calls(base, key, photos)
-    print(f"\nThe stack is up: gateway {base} (API docs {base}/docs), Triton http://127.0.0.1:{http}, "
-          f"metrics {base}/metrics.\nexport CDFACE_KEY={key}")
+    print(f"\nThe stack is up: gateway {base} (web page {base}/ui, API docs {base}/docs), "
+          f"Triton http://127.0.0.1:{http}, metrics {base}/metrics.\nexport CDFACE_KEY={key}")
     if not args.once:
         print("Ctrl-C (or SIGTERM) stops it.", flush=True)
         try:
