@@ -169,7 +169,7 @@ class ShardedMarginHead(nn.Module):
     """The margin head with its class centres split across the ranks of ``group`` (default: the world)."""
 
     def __init__(self, embedding_size: int, num_classes: int, margin: Margin, scale: float = 64.0,
-                 num_hard_negatives: int = 500, sample_rate: float = 1.0, group: Optional[Any] = None):
+                 num_hard_negatives: int = 500, sample_rate: float = 1.0, seed: int = 0, group: Optional[Any] = None):
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
             raise CdfaceError(f"head.sample_rate must be in (0, 1], got {sample_rate}")
@@ -178,6 +178,9 @@ class ShardedMarginHead(nn.Module):
         self.start, self.end = self.bounds[self.comm.rank], self.bounds[self.comm.rank + 1]
         self.weight = nn.Parameter(init_class_centres(num_classes, embedding_size, self.start, self.end))
         self.margin, self.scale, self.sample_rate = margin, scale, sample_rate
+        # The negative sample is drawn from (seed, step, rank) alone, so a resumed run draws the same
+        # one; the trainer sets ``step`` before each forward.
+        self.seed, self.step = seed, 0
         self.num_classes = num_classes
         self.num_hard_negatives = min(num_hard_negatives, num_classes - 1)
 
@@ -212,15 +215,14 @@ class ShardedMarginHead(nn.Module):
         return HeadOutput(loss=loss, target_cos=mine, hard_negatives=hard_negatives)
 
     def _sample(self, positives: torch.Tensor) -> Optional[torch.Tensor]:
-        """Sorted shard columns to score this step: every positive, random negatives up to the rate.
-
-        Drawn from the global RNG, which is seeded by ``run.seed`` and saved in checkpoints.
-        """
+        """Sorted shard columns to score this step: every positive, random negatives up to the rate."""
         if self.sample_rate >= 1.0:
             return None
         size = self.end - self.start
         keep = min(size, max(math.ceil(self.sample_rate * size), int(torch.unique(positives).numel())))
-        scores = torch.rand(size, device=self.weight.device)
+        generator = torch.Generator(device=self.weight.device)
+        generator.manual_seed((self.seed * 1_000_003 + self.step) * 1_009 + self.comm.rank)
+        scores = torch.rand(size, device=self.weight.device, generator=generator)
         scores[positives] = 2.0  # above any draw: positives are always kept
         return torch.sort(scores.topk(keep).indices).values
 

@@ -86,7 +86,7 @@ def create_head(cfg: TrainConfig, num_classes: int) -> Head:
     margin = MARGINS[h.kind](h.margin)
     if h.sharded:
         return ShardedMarginHead(cfg.model.embedding_size, num_classes, margin, h.scale, h.num_hard_negatives,
-                                 h.sample_rate)
+                                 h.sample_rate, seed=cfg.run.seed)
     return MarginHead(cfg.model.embedding_size, num_classes, margin, h.scale, h.num_hard_negatives)
 
 
@@ -249,6 +249,8 @@ class Trainer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         labels_dev = labels.to(device, non_blocking=True)
+        if isinstance(self.model.head, ShardedMarginHead):
+            self.model.head.step = self.step  # seeds its negative-centre sample
 
         with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):

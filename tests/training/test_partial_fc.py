@@ -133,17 +133,18 @@ def test_cross_shard_top_negatives_equal_brute_force_with_ties(tmp_path):
 
 
 def test_sampling_keeps_every_positive_and_is_seeded():
-    def sampled(seed: int, labels: torch.Tensor) -> set[int]:
-        torch.manual_seed(seed)
-        head = ShardedMarginHead(D, 1000, MARGINS["arcface"](), num_hard_negatives=NP, sample_rate=0.1)
+    def sampled(seed: int, labels: torch.Tensor, step: int = 0) -> set[int]:
+        torch.manual_seed(123)  # the global RNG plays no part: (seed, step, rank) decide the sample
+        head = ShardedMarginHead(D, 1000, MARGINS["arcface"](), num_hard_negatives=NP, sample_rate=0.1, seed=seed)
+        head.step = step
         head(torch.randn(labels.shape[0], D), labels).loss.backward()
         return set(torch.nonzero(head.weight.grad.abs().sum(dim=1)).flatten().tolist())
 
     labels = torch.tensor([3, 3, 999, 500, 0, 77])
     first = sampled(0, labels)
     assert set(labels.tolist()) <= first and len(first) == math.ceil(0.1 * 1000)
-    assert sampled(0, labels) == first  # seeded by the global seed (run.seed; saved in checkpoints)
-    assert sampled(1, labels) != first
+    assert sampled(0, labels) == first  # seeded: run.seed and the step
+    assert sampled(1, labels) != first and sampled(0, labels, step=1) != first
     many = torch.arange(0, 1000, 5)  # 200 positives > the 100 the rate allows: all of them still kept
     assert sampled(0, many) == set(many.tolist())
 
@@ -216,3 +217,15 @@ def test_benchmark_smoke_run_measures_both_arms():
                           text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "20000 identities: head memory 0.06 vs 0.12 GB per rank" in proc.stdout
+
+
+def test_sampled_sharded_training_resumes_exactly(tiny_data, tmp_path):
+    preset = write_preset(tmp_path / "p.yaml", tiny_data, tmp_path / "unused", model=BN_FREE)
+    common = ["head.sharded=true", "head.sample_rate=0.5", "data.flip=false", "run.checkpoint_every=100"]
+    _train(2, preset, common + ["run.max_steps=4"], tmp_path / "straight")
+    _train(2, preset, common + ["run.max_steps=2"], tmp_path / "resumed")
+    _train(2, preset, common + ["run.max_steps=4"], tmp_path / "resumed")
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert straight["progress"]["step"] == resumed["progress"]["step"] == 4
+    _assert_same_training(straight, resumed)
