@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cdface.serving.http_errors import install_error_handlers
 from cdface.serving.metrics import Metrics
-from cdface.serving.middleware import BodyLimit
+from cdface.serving.middleware import BodyLimit, RequestLimits
 from cdface.serving.openapi import openapi_builder
 from cdface.serving.routers import identities, inference, operations, ui
 from cdface.serving.service import FaceService
@@ -61,6 +61,9 @@ def create_app(settings: Settings | None = None, service: FaceService | None = N
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"])
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    # Inside the metrics middleware, so that requests it refuses, cuts off or finds abandoned are counted.
+    app.add_middleware(RequestLimits, deadline_s=settings.request_deadline_s,
+                       max_concurrent=settings.max_concurrent_requests, in_flight=app.state.metrics.in_flight)
     app.add_middleware(app.state.metrics.middleware)
     app.openapi = openapi_builder(app)  # type: ignore[method-assign]
     return app

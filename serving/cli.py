@@ -123,14 +123,20 @@ def serve_command(
     import uvicorn
 
     from cdface.serving.app import create_app
+    from cdface.serving.connections import bounded_protocol
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print("cdface gateway settings: " + json.dumps(settings.describe(), default=str), file=sys.stderr, flush=True)
     print(f"cdface gateway: serving {served}", file=sys.stderr, flush=True)
     if not settings.auth:
         print("cdface: WARNING: API keys are not required (CDFACE_SERVE_AUTH=false)", file=sys.stderr)
+    # Reading a request's head is bounded by the protocol (time and size), its body and the rest of the
+    # request by the application's deadline (serving.middleware.RequestLimits), idle connections by
+    # the keep-alive timeout.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.graceful_timeout_s, server_header=False)
+                timeout_graceful_shutdown=settings.graceful_timeout_s, server_header=False,
+                http=bounded_protocol(settings.header_timeout_s, settings.max_header_bytes),
+                timeout_keep_alive=settings.keep_alive_s)
 
 
 @keys_app.command("create")

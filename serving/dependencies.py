@@ -14,7 +14,9 @@ from typing import Annotated, Any, Awaitable, Callable, Generic, TypeVar
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from cdface.serving import schemas as s
@@ -93,11 +95,7 @@ def json_or_form(model: type[R], from_form: FormReader) -> Any:
                 raise invalid_request(exc.errors()) from None
             payloads: list[bytes | str] = [image.data for image in req.image_inputs()]
         elif content_type == "multipart/form-data":
-            try:
-                form = await request.form(max_files=settings.max_images + 2, max_fields=32, max_part_size=64 * 1024)
-            except MultiPartException as exc:
-                raise InvalidRequest(f"the multipart body cannot be parsed: {exc.message}",
-                                     code="malformed_multipart") from None
+            form = await _read_form(request, settings)
             try:
                 raw, files = await from_form(form)
                 req = model.model_validate(raw)
@@ -109,10 +107,37 @@ def json_or_form(model: type[R], from_form: FormReader) -> Any:
         else:
             raise InvalidRequest("send application/json (base64 images) or multipart/form-data (files)",
                                  code="unsupported_media_type")
-        return ParsedBody(req, [ImageIn(data, spec.mode, spec.landmarks, spec.min_face_size, spec.min_score)
-                                for data, spec in zip(payloads, req.image_inputs())])
+        return ParsedBody(req, [image_in(spec, data) for data, spec in zip(payloads, req.image_inputs())])
 
     return Depends(parse)
+
+
+def image_in(spec: s.ImageInput, data: bytes | str | None = None) -> ImageIn:
+    """A request's image as the use cases take it (``data``: the file's bytes; default: the spec's base64)."""
+    return ImageIn(spec.data if data is None else data, spec.mode, spec.landmarks, spec.min_face_size, spec.min_score)
+
+
+def _malformed_multipart(why: str) -> InvalidRequest:
+    return InvalidRequest(f"the multipart body cannot be parsed: {why}", code="malformed_multipart")
+
+
+async def _read_form(request: Request, settings: Settings) -> FormData:
+    """The multipart form; a body without its boundary, cut short or unparsable is ``malformed_multipart``."""
+    _, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise _malformed_multipart("the content-type names no boundary")
+    # The parser takes a body that stops before its closing delimiter as complete (the parts read so
+    # far, possibly none), so a cut-short upload would be answered as if fields were missing. The
+    # body is already bounded by max_request_bytes, and the parser reads it from this cached copy.
+    if b"--" + boundary + b"--" not in await request.body():
+        raise _malformed_multipart("the body ends before the closing boundary")
+    try:
+        return await request.form(max_files=settings.max_images + 2, max_fields=32, max_part_size=64 * 1024)
+    except MultiPartException as exc:
+        raise _malformed_multipart(exc.message) from None
+    except StarletteHTTPException as exc:  # Starlette reports the parser's own errors as a plain 400
+        raise _malformed_multipart(str(exc.detail)) from None
 
 
 async def _files(form: FormData, name: str) -> list[bytes]:

@@ -7,6 +7,6 @@ the gateway imports.
 
 from __future__ import annotations
 
-from cdface.core.detection import Detector, FaceCrop, FaceMode, extract_faces, sharpness
+from cdface.core.detection import CropGate, Detector, FaceCrop, FaceMode, extract_faces, sharpness
 
-__all__ = ["Detector", "FaceCrop", "FaceMode", "extract_faces", "sharpness"]
+__all__ = ["CropGate", "Detector", "FaceCrop", "FaceMode", "extract_faces", "sharpness"]

@@ -32,7 +32,7 @@ import numpy as np
 
 from cdface.core.matching import cosine
 from cdface.serving.index import FaceIndex, IndexSpec
-from cdface.serving.store import Face, GalleryStore, ModelKey, NewFace
+from cdface.serving.store import Face, GalleryStore, Identity, ModelKey, NewFace
 
 log = logging.getLogger("cdface.serving.gallery")
 
@@ -103,6 +103,16 @@ class Gallery:
             stored = self.store.add_faces(identity_id, faces)  # one transaction, durable on return
             self._add([f.id for f in stored], [identity_id] * len(stored), np.asarray(embeddings, np.float32))
         return stored
+
+    def create_identity(self, external_id: str | None, name: str | None, metadata: dict[str, Any],
+                        embeddings: np.ndarray, crops: Sequence[bytes | None], boxes: Sequence[list[float] | None],
+                        qualities: Sequence[dict[str, float]]) -> tuple[Identity, list[Face]]:
+        """Create an identity with its faces in one transaction (a crash leaves neither); searchable on return."""
+        faces = [NewFace(e, self.model, c, b, q) for e, c, b, q in zip(embeddings, crops, boxes, qualities)]
+        with self._write_lock:
+            identity, stored = self.store.create_identity_with_faces(external_id, name, metadata, faces)
+            self._add([f.id for f in stored], [identity.id] * len(stored), np.asarray(embeddings, np.float32))
+        return identity, stored
 
     def delete_face(self, identity_id: str, face_id: int) -> None:
         with self._write_lock:

@@ -29,6 +29,8 @@ STATUS = {
     # the request as sent
     "empty_body": 400, "malformed_json": 400, "malformed_multipart": 400,
     "payload_too_large": 413, "unsupported_media_type": 415,
+    # how the request arrived, and how busy the gateway is (serving.middleware.RequestLimits)
+    "request_timeout": 408, "request_header_too_large": 431, "overloaded": 503, "deadline_exceeded": 504,
     # who is asking
     "unauthorized": 401, "invalid_api_key": 401, "forbidden": 403,
     # the gallery

@@ -6,6 +6,10 @@ import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+# The status label of a request whose client disconnected before its response started (nginx's 499,
+# "client closed request"): counted apart, never as a 500 nobody received.
+CLIENT_CLOSED = 499
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -18,6 +22,8 @@ class Metrics:
         self.gallery_faces = Gauge("cdface_gallery_faces", "Faces in the search index", registry=self.registry)
         self.breaker_open = Gauge("cdface_triton_breaker_open", "1 while the Triton circuit breaker is open",
                                   registry=self.registry)
+        self.in_flight = Gauge("cdface_http_requests_in_flight", "Requests being served now (probes not counted); "
+                               "set by serving.middleware.RequestLimits", registry=self.registry)
 
     def render(self, faces_indexed: int, breaker_open: bool) -> tuple[bytes, str]:
         """(body, content type) of the metrics, the gauges set to these values first."""
@@ -32,15 +38,23 @@ class Metrics:
             if scope["type"] != "http":
                 return await app(scope, receive, send)
             started = time.perf_counter()
-            status = {"code": 500}
+            # 500: what an exception that escapes every handler becomes.
+            status: dict[str, int | bool] = {"code": 500, "started": False}
 
             async def recording_send(message):
-                if message["type"] == "http.response.start":
-                    status["code"] = message["status"]
+                if message["type"] == "http.response.start" and not status["started"]:
+                    status["code"], status["started"] = message["status"], True
                 await send(message)
 
+            async def watching_receive():
+                message = await receive()
+                # Gone before its answer started: whatever is sent now reaches no one (uvicorn drops it).
+                if message["type"] == "http.disconnect" and not status["started"]:
+                    status["code"], status["started"] = CLIENT_CLOSED, True
+                return message
+
             try:
-                await app(scope, receive, recording_send)
+                await app(scope, watching_receive, recording_send)
             finally:
                 route = scope.get("route")
                 path = getattr(route, "path", None) or "unmatched"

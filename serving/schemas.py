@@ -192,6 +192,10 @@ class IdentityCreate(_In):
     external_id: str | None = _EXTERNAL_ID
     name: str | None = Field(None, max_length=256)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    images: list[ImageInput] = Field(default_factory=list, description="Faces to enroll with the identity, in the "
+                                     "same transaction: if any image is refused, no identity is created.")
+    retain_crop: bool | None = Field(None, description="Keep the aligned crops for re-embedding; default: server "
+                                                       "setting.")
 
     _meta = field_validator("metadata")(_check_metadata)
 
@@ -248,6 +252,10 @@ class FaceList(BaseModel):
 
 class EnrollResponse(BaseModel):
     faces: list[FaceOut]
+
+
+class IdentityCreated(IdentityOut):
+    faces: list[FaceOut] = Field(default_factory=list, description="The faces enrolled with it ('images').")
 
 
 # -- operations -----------------------------------------------------------------------------------

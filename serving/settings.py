@@ -33,6 +33,20 @@ class Settings(BaseSettings):
         "On SIGTERM: stop accepting connections, then give requests in flight this long to finish before "
         "they are cut off (uvicorn's timeout_graceful_shutdown). Keep it below Kubernetes' "
         "terminationGracePeriodSeconds, which ends the pod with SIGKILL."))
+    request_deadline_s: float = Field(default=30.0, gt=0, description=(
+        "One deadline per request, from the moment its headers have arrived: a body still arriving then is "
+        "answered 408 request_timeout, a request still being served 504 deadline_exceeded; Triton calls and "
+        "their retries stop in time to answer (503 model_unavailable) before it."))
+    header_timeout_s: float = Field(default=10.0, gt=0, description=(
+        "A connection must deliver a request's complete head (request line and headers) within this long of "
+        "opening or of starting the request; otherwise it is closed (408 if part of a head had arrived)."))
+    keep_alive_s: int = Field(default=5, ge=1, description="An idle keep-alive connection is closed after this long.")
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, description=(
+        "The largest request head (request line and headers); a longer one is answered 431 and the connection "
+        "closed."))
+    max_concurrent_requests: int = Field(default=64, ge=1, description=(
+        "Requests served at once by one gateway process; more are answered 503 overloaded + Retry-After at "
+        "once, never queued. /healthz, /readyz and /metrics are not counted, so probes still answer."))
 
     # Triton
     triton_url: str = Field(default="127.0.0.1:8001", description=(
@@ -50,7 +64,9 @@ class Settings(BaseSettings):
                                           description="Triton model repository (manifests are read from it).")
     manifest: Path | None = Field(default=None,
                                   description="The served model's manifest.json (overrides the repository's).")
-    triton_timeout_s: float = Field(default=10.0, gt=0)
+    triton_timeout_s: float = Field(default=10.0, gt=0, description=(
+        "The time all Triton calls of one request may take together, retries included (a retry is made only "
+        "while time remains); request_deadline_s cuts it shorter when that comes first."))
     triton_retries: int = Field(default=2, ge=0, le=10)
     breaker_failures: int = Field(default=3, ge=1)
     breaker_reset_s: float = Field(default=5.0, gt=0)
@@ -92,6 +108,19 @@ class Settings(BaseSettings):
     max_images: int = Field(default=32, ge=1)
     max_faces_per_image: int = Field(default=32, ge=1)
     max_top_k: int = Field(default=100, ge=1)
+    max_detect_pixels: int = Field(default=16_000_000, ge=1, description=(
+        "Pixel budget of a photo in modes detect and detect_all, read from the header before decoding "
+        "(mode aligned: exactly 112x112; landmarks: max_image_pixels)."))
+    min_crop_face_score: float = Field(default=0.5, ge=0, le=1, description=(
+        "Every aligned crop is checked for a face before it is embedded (YuNet on the crop): a lower "
+        "score is refused (no_face_in_crop). 0 turns the face-presence and orientation check off."))
+    upside_down_margin: float = Field(default=0.04, ge=0, le=1, description=(
+        "A crop that scores this much higher turned 180 degrees is refused as upside down (face_upside_down)."))
+    min_enroll_face_score: float = Field(default=0.7, ge=0, le=1, description=(
+        "Enrollment refuses a face whose crop face score is lower (low_quality_face)."))
+    min_enroll_sharpness: float = Field(default=20.0, ge=0, description=(
+        "Enrollment refuses a face whose crop's sharpness (variance of the Laplacian) is lower (low_quality_face; "
+        "real 112x112 crops measure 100-2000, a Gaussian blur of sigma 3 about 5)."))
 
     # Security
     auth: bool = Field(default=True, description="Require API keys (turn off only on a trusted developer machine).")

@@ -1,5 +1,8 @@
-"""The gateway's Triton client: async gRPC, per-request timeout, bounded retries, a circuit breaker.
+"""The gateway's Triton client: async gRPC, one time budget per request, bounded retries, a circuit breaker.
 
+All Triton calls of one request, retries included, share one time budget (``triton_timeout_s``),
+which ends no later than the request's own deadline (``cdface.serving.deadline``): a retry is made
+only while time remains, so a frozen server costs a request its budget, never budget x attempts.
 When Triton is down a request fails in about the time of one connection attempt (never a hang):
 ``TritonUnavailable`` carries a ``retry_after`` the API turns into ``503`` + ``Retry-After``. After
 ``breaker_failures`` consecutive failures the breaker opens and requests fail at once, without
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from cdface.core.contract import INPUT_NAME, OUTPUT_NAME
+from cdface.serving import deadline
 from cdface.serving.errors import ServingError
 
 log = logging.getLogger("cdface.serving.triton")
@@ -37,6 +41,15 @@ log = logging.getLogger("cdface.serving.triton")
 # gRPC status codes worth a retry: the server is (re)starting, overloaded, or the call timed out.
 _RETRYABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
               "StatusCode.CANCELLED", "StatusCode.UNKNOWN"}
+
+
+# An attempt needs at least this much of the time budget to be worth making (a call cannot complete
+# in less); the backstop is how long past gRPC's own deadline a call may hang before it is abandoned.
+_MIN_ATTEMPT_S = 0.05
+_BACKSTOP_S = 0.25
+# Triton gives up this long before the request's deadline, so that its 503 (with Retry-After) is
+# answered rather than the deadline's bare 504.
+_ANSWER_RESERVE_S = 0.25
 
 
 # Targets that name several servers: gRPC resolves them to a list of addresses, balanced round-robin.
@@ -214,27 +227,43 @@ class TritonEmbedder:
             return False
 
     async def embed(self, crops: np.ndarray) -> np.ndarray:
-        """uint8 [N, 112, 112, 3] RGB -> float32 [N, D]: one Triton call per ``max_batch`` crops."""
+        """uint8 [N, 112, 112, 3] RGB -> float32 [N, D]: one Triton call per ``max_batch`` crops.
+
+        All calls of one ``embed``, retries included, share one time budget: ``timeout_s``, cut short
+        by the request's deadline (``cdface.serving.deadline``) when that comes first.
+        """
         crops = np.ascontiguousarray(crops, dtype=np.uint8)
         if len(crops) == 0:
             return np.zeros((0, self.dim), np.float32)
-        parts = [await self._infer(crops[i:i + self.max_batch]) for i in range(0, len(crops), self.max_batch)]
+        ends_at = time.monotonic() + self.timeout_s
+        request_ends_at = deadline.expires_at()
+        if request_ends_at is not None:
+            ends_at = min(ends_at, request_ends_at - _ANSWER_RESERVE_S)
+        parts = [await self._infer(crops[i:i + self.max_batch], ends_at)
+                 for i in range(0, len(crops), self.max_batch)]
         return np.concatenate(parts)
 
-    async def _infer(self, batch: np.ndarray) -> np.ndarray:
+    async def _infer(self, batch: np.ndarray, ends_at: float) -> np.ndarray:
+        """One batch through Triton, attempts and retries only while ``ends_at`` (monotonic) has not passed."""
         from tritonclient.grpc import InferInput
         from tritonclient.utils import InferenceServerException
 
-        last: str = ""
+        last = "no time was left for a call"
+        attempts = 0
         for attempt in range(self.retries + 1):
+            left = ends_at - time.monotonic()
+            if left < _MIN_ATTEMPT_S:
+                break
             self.breaker.before()
             tensor = InferInput(INPUT_NAME, list(batch.shape), "UINT8")
             tensor.set_data_from_numpy(batch)
+            attempts += 1
             try:
+                # gRPC's own deadline (client_timeout) ends the call with DEADLINE_EXCEEDED; wait_for is
+                # the backstop should the client library not honour it, a moment later.
                 result = await asyncio.wait_for(
-                    self._get_client().infer(self.model, [tensor], model_version=self.version,
-                                             client_timeout=self.timeout_s),
-                    timeout=self.timeout_s + 1.0)
+                    self._get_client().infer(self.model, [tensor], model_version=self.version, client_timeout=left),
+                    timeout=left + _BACKSTOP_S)
             except (InferenceServerException, asyncio.TimeoutError, OSError) as exc:
                 status = exc.status() if isinstance(exc, InferenceServerException) else "StatusCode.DEADLINE_EXCEEDED"
                 if status not in _RETRYABLE and not _model_missing(exc):
@@ -242,16 +271,18 @@ class TritonEmbedder:
                     raise TritonRejected(f"the model server refused the request: {_short(exc)}") from None
                 self.breaker.failure()
                 last = f"{status}: {_short(exc)}"
-                if attempt < self.retries:
-                    await asyncio.sleep(0.05 * (4 ** attempt))
-                continue
+                backoff = 0.05 * (4 ** attempt)
+                if attempt < self.retries and time.monotonic() + backoff + _MIN_ATTEMPT_S < ends_at:
+                    await asyncio.sleep(backoff)
+                    continue
+                break
             output = result.as_numpy(OUTPUT_NAME)
             self.breaker.success()
             if output is None or output.shape != (len(batch), self.dim):
                 raise TritonRejected(f"the model returned {None if output is None else output.shape}, "
                                      f"expected {(len(batch), self.dim)}")
             return output.astype(np.float32, copy=False)
-        log.warning("Triton unavailable after %d attempts: %s", self.retries + 1, last)
+        log.warning("Triton unavailable after %d attempt(s) within the time budget: %s", attempts, last)
         raise TritonUnavailable("the model server is unavailable", max(1.0, self.breaker.reset_s))
 
 

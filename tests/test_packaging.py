@@ -129,7 +129,8 @@ def test_gateway_starts_and_embeds_from_the_serve_extra_alone(serve_only_venv, t
     env = {**os.environ, "CDFACE_SERVE_PORT": str(port), "CDFACE_SERVE_DB_PATH": str(tmp_path / "gallery.db"),
            "CDFACE_SERVE_CREATE_DB": "1",
            "CDFACE_SERVE_TRITON_URL": triton_server.grpc_url, "CDFACE_SERVE_MODEL_REPOSITORY": str(triton_repo),
-           "CDFACE_SERVE_MODEL": MODEL, "CDFACE_SERVE_AUTH": "false", "CDFACE_SERVE_LOG_LEVEL": "warning"}
+           "CDFACE_SERVE_MODEL": MODEL, "CDFACE_SERVE_AUTH": "false", "CDFACE_SERVE_LOG_LEVEL": "warning",
+           "CDFACE_SERVE_MIN_CROP_FACE_SCORE": "0"}  # a random crop stands in for a face: no face gate
     cdface = serve_only_venv.parent / "cdface"
     log = tmp_path / "gateway.log"
     with open(log, "wb") as out:

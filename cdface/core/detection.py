@@ -12,7 +12,8 @@ Three ways in (``FaceMode``):
 
 Quality per face: the detector's score, the face size (shorter side of the box, in pixels) and
 sharpness (variance of the Laplacian of the aligned crop; low = blurred); callers filter on them
-with ``min_face_size`` / ``min_score``. Torch-free; needs OpenCV (``opencv-python-headless``).
+with ``min_face_size`` / ``min_score``. A ``CropGate`` (the gateway's) also requires every crop to
+hold an upright face (``crop_score``). Torch-free; needs OpenCV (``opencv-python-headless``).
 """
 
 from __future__ import annotations
@@ -54,8 +55,18 @@ def sharpness(crop: np.ndarray) -> float:
     return float(cv2.Laplacian(grey, cv2.CV_64F).var())
 
 
+# YuNet pads its input to a multiple of 32; at a padded side of 32 (an input side <= 32) OpenCV's DNN
+# reads uninitialised memory and returns non-finite boxes scored 1.0, depending on what the process
+# ran before (a 640x8 grey image: "faces" with x = 6e32). Inputs are padded to at least this side.
+_MIN_DETECT_SIDE = 64
+
+
 class Detector:
-    """A small pool of YuNet detectors (``cv2.FaceDetectorYN`` objects are not thread-safe)."""
+    """A small pool of YuNet detectors (``cv2.FaceDetectorYN`` objects are not thread-safe).
+
+    ``detect`` is a pure function of its input: every per-call setting (input size, score floor) is
+    set on the pooled detector at each call, and the input is padded past YuNet's unsafe sizes.
+    """
 
     def __init__(self, model: str | Path, *, score: float = 0.7, max_side: int = 640, instances: int = 2) -> None:
         cv2 = _cv2()
@@ -66,8 +77,12 @@ class Detector:
         for _ in range(instances):
             self._pool.put(cv2.FaceDetectorYN.create(self.model, "", (320, 320), score, 0.3, 5000))
 
-    def detect(self, rgb: np.ndarray) -> np.ndarray:
-        """[F, 15] rows: x, y, w, h, 5 landmarks (x, y), score - in ``rgb``'s pixel coordinates, largest first."""
+    def detect(self, rgb: np.ndarray, *, min_score: float | None = None) -> np.ndarray:
+        """[F, 15] rows: x, y, w, h, 5 landmarks (x, y), score - in ``rgb``'s pixel coordinates, largest first.
+
+        Every row is finite, its box clipped to the image and its landmarks inside it; ``min_score``
+        (default: the detector's) is the score floor of this call.
+        """
         cv2 = _cv2()
         height, width = rgb.shape[:2]
         # Large photos are detected at max_side: YuNet finds faces of a few dozen pixels, and the
@@ -77,23 +92,110 @@ class Detector:
         if scale < 1.0:
             bgr = cv2.resize(bgr, (max(1, round(width * scale)), max(1, round(height * scale))),
                              interpolation=cv2.INTER_AREA)
+        faces = _inside(self._rows(bgr, self.score if min_score is None else min_score), bgr.shape[1], bgr.shape[0])
+        faces[:, :14] /= scale
+        return faces[np.argsort(-(faces[:, 2] * faces[:, 3]), kind="stable")]
+
+    def _rows(self, bgr: np.ndarray, min_score: float) -> np.ndarray:
+        """YuNet's rows for ``bgr`` as it returns them (float64 [F, 15]), before any check."""
+        cv2 = _cv2()
+        # Padding right and bottom keeps coordinates unchanged; rows found in it are dropped by _inside.
+        pad_h, pad_w = max(0, _MIN_DETECT_SIDE - bgr.shape[0]), max(0, _MIN_DETECT_SIDE - bgr.shape[1])
+        if pad_h or pad_w:
+            bgr = cv2.copyMakeBorder(bgr, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=(0, 0, 0))
         detector = self._pool.get()
         try:
             detector.setInputSize((bgr.shape[1], bgr.shape[0]))
+            detector.setScoreThreshold(float(min_score))
             _, faces = detector.detect(bgr)
         finally:
             self._pool.put(detector)
-        if faces is None or len(faces) == 0:
-            return np.zeros((0, 15), np.float32)
-        faces = faces.astype(np.float64)
-        faces[:, :14] /= scale
-        return faces[np.argsort(-(faces[:, 2] * faces[:, 3]))]
+        return np.zeros((0, 15), np.float64) if faces is None else faces.astype(np.float64).reshape(-1, 15)
+
+
+def _inside(faces: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The rows that describe a face in a ``width`` x ``height`` image: finite, score in [0, 1], the box
+    clipped to the image and at least a pixel a side, every landmark inside the image."""
+    faces = faces[np.isfinite(faces).all(axis=1)]
+    faces = faces[(faces[:, 14] >= 0) & (faces[:, 14] <= 1)]
+    x0, y0 = np.clip(faces[:, 0], 0, width), np.clip(faces[:, 1], 0, height)
+    x1, y1 = np.clip(faces[:, 0] + faces[:, 2], 0, width), np.clip(faces[:, 1] + faces[:, 3], 0, height)
+    faces[:, 0], faces[:, 1], faces[:, 2], faces[:, 3] = x0, y0, x1 - x0, y1 - y0
+    points_x, points_y = faces[:, 4:14:2], faces[:, 5:14:2]
+    keep = (faces[:, 2] >= 1) & (faces[:, 3] >= 1)
+    keep &= ((points_x >= 0) & (points_x <= width) & (points_y >= 0) & (points_y <= height)).all(axis=1)
+    return faces[keep]
+
+
+@dataclass(frozen=True)
+class CropGate:
+    """The face-presence and orientation check run on every aligned crop before it is embedded.
+
+    YuNet runs on the 112x112 crop itself (an aligned face fills it and scores about 0.9; a blank or
+    noise crop scores near 0) and on the crop turned 180 degrees. YuNet finds upside-down faces in
+    photos with a high score and places their landmarks as if upright, so an upside-down photo yields
+    an upside-down crop: one that scores clearly higher when turned over.
+    """
+
+    min_score: float = 0.5  # a crop scoring below this holds no face
+    upside_down_margin: float = 0.04  # turned over, a crop scoring this much higher is upside down
+
+    def check(self, detector: Detector, crop: np.ndarray) -> float:
+        """The crop's face score; ``ImageError`` (``no_face_in_crop``, ``face_upside_down``) when refused."""
+        score = _best_score(detector, crop)
+        turned = _best_score(detector, np.ascontiguousarray(crop[::-1, ::-1]))
+        if turned > score + self.upside_down_margin and turned >= self.min_score:
+            raise ImageError("face_upside_down", "the face is upside down (turned 180 degrees); send the photo "
+                             "upright")
+        if score < self.min_score:
+            raise ImageError("no_face_in_crop", f"no face in the aligned crop (face score {score:.2f}; at least "
+                             f"{self.min_score} is needed)")
+        return score
+
+
+def _best_score(detector: Detector, crop: np.ndarray) -> float:
+    faces = detector.detect(crop, min_score=0.01)
+    return float(faces[:, 14].max()) if len(faces) else 0.0
 
 
 def extract_faces(rgb: np.ndarray, mode: FaceMode, *, detector: Detector | None,
                   landmarks: list[list[float]] | None = None, max_faces: int = 32,
-                  min_face_size: float = 0.0, min_score: float = 0.0) -> list[FaceCrop]:
-    """The aligned faces of ``rgb`` (largest first); ``ImageError`` with a stable code when there are none."""
+                  min_face_size: float = 0.0, min_score: float = 0.0,
+                  gate: CropGate | None = None) -> list[FaceCrop]:
+    """The aligned faces of ``rgb`` (largest first); ``ImageError`` with a stable code when there are none.
+
+    ``gate``: every crop must pass it (quality gains ``crop_score``); in the detect modes a face that
+    fails is skipped like one below the filters, and the first refusal is raised when none is left.
+    """
+    if gate is not None and detector is None:
+        raise ImageError("detector_unavailable", "face detection is not available on this server")
+    # Gated, the detect modes align up to max_faces candidates: the largest may fail the gate.
+    limit = max_faces if mode == "detect_all" or gate is not None else 1
+    faces = _faces(rgb, mode, detector=detector, landmarks=landmarks, limit=limit, min_face_size=min_face_size,
+                   min_score=min_score)
+    if gate is None:
+        return faces
+    assert detector is not None
+    passed: list[FaceCrop] = []
+    refusal: ImageError | None = None
+    for face in faces:
+        try:
+            face.quality["crop_score"] = round(gate.check(detector, face.crop), 4)
+        except ImageError as exc:
+            refusal = refusal or exc
+            continue
+        passed.append(face)
+        if mode != "detect_all" or len(passed) >= max_faces:
+            break
+    if not passed:
+        assert refusal is not None
+        raise refusal
+    return passed
+
+
+def _faces(rgb: np.ndarray, mode: FaceMode, *, detector: Detector | None,
+           landmarks: list[list[float]] | None, limit: int, min_face_size: float,
+           min_score: float) -> list[FaceCrop]:
     height, width = rgb.shape[:2]
     if mode == "aligned":
         if (height, width) != (INPUT_SIZE, INPUT_SIZE):
@@ -130,7 +232,7 @@ def extract_faces(rgb: np.ndarray, mode: FaceMode, *, detector: Detector | None,
         out.append(FaceCrop(crop, [round(v, 1) for v in box], np.round(points, 1).tolist(),
                             {"score": round(score, 4), "face_size": round(size, 1),
                              "sharpness": round(sharpness(crop), 2)}))
-        if mode == "detect" or len(out) >= max_faces:
+        if len(out) >= limit:
             break
     if not out:
         raise ImageError("no_face", "no face was found in the image" +

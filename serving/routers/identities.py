@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Path, Query, Response
 
 from cdface.serving import schemas as s
-from cdface.serving.dependencies import ParsedBody, ServiceDep, form_images, json_or_form, require
+from cdface.serving.dependencies import ParsedBody, ServiceDep, form_images, image_in, json_or_form, require
 from cdface.serving.http_errors import ERROR_RESPONSES
 from cdface.serving.openapi import body_doc
 from cdface.serving.routers import responses
@@ -14,11 +14,13 @@ from cdface.serving.usecases import identities
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES, tags=["gallery"])
 
 
-@router.post("/identities", response_model=s.IdentityOut, status_code=201, operation_id="create_identity",
-             summary="Create an identity", dependencies=[require("enroll")])
-def create_identity(body: s.IdentityCreate, service: ServiceDep) -> s.IdentityOut:
-    created = identities.create_identity(service, body.external_id, body.name, body.metadata)
-    return responses.identity(created.identity, created.faces_needing_reenrolment)
+@router.post("/identities", response_model=s.IdentityCreated, status_code=201, operation_id="create_identity",
+             summary="Create an identity, optionally with its faces (one transaction)",
+             dependencies=[require("enroll")])
+async def create_identity(body: s.IdentityCreate, service: ServiceDep) -> s.IdentityCreated:
+    created = await identities.create_identity(service, body.external_id, body.name, body.metadata,
+                                               [image_in(spec) for spec in body.images], body.retain_crop)
+    return responses.created_identity(created.identity, created.faces, service.model_key)
 
 
 @router.get("/identities", response_model=s.IdentityPage, operation_id="list_identities",

@@ -61,6 +61,10 @@ def identity(record: Identity, needing: int | None = None) -> s.IdentityOut:
                          faces_needing_reenrolment=needing)
 
 
+def created_identity(record: Identity, enrolled: list[Face], served: ModelKey) -> s.IdentityCreated:
+    return s.IdentityCreated(**identity(record, 0).model_dump(), faces=faces(enrolled, served))
+
+
 def faces(records: list[Face], served: ModelKey) -> list[s.FaceOut]:
     return [s.FaceOut(id=f.id, identity_id=f.identity_id, model=str(f.model), current=f.model == served,
                       created=f.created, has_crop=f.has_crop, box=f.box, quality=f.quality) for f in records]

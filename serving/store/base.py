@@ -113,6 +113,11 @@ class GalleryStore(abc.ABC):
     def create_identity(self, external_id: str | None, name: str | None, metadata: dict[str, Any]) -> Identity: ...
 
     @abc.abstractmethod
+    def create_identity_with_faces(self, external_id: str | None, name: str | None, metadata: dict[str, Any],
+                                   faces: Sequence[NewFace]) -> tuple[Identity, list[Face]]:
+        """Create the identity and add its faces, all or nothing (one transaction)."""
+
+    @abc.abstractmethod
     def get_identity(self, identity_id: str) -> Identity: ...
 
     @abc.abstractmethod

@@ -204,6 +204,10 @@ class SqlStore(GalleryStore):
     # -- identities -----------------------------------------------------------------------------
 
     def create_identity(self, external_id: str | None, name: str | None, metadata: dict[str, Any]) -> Identity:
+        return self.create_identity_with_faces(external_id, name, metadata, ())[0]
+
+    def create_identity_with_faces(self, external_id: str | None, name: str | None, metadata: dict[str, Any],
+                                   faces: Sequence[NewFace]) -> tuple[Identity, list[Face]]:
         identity_id, now = new_identity_id(), utc_now()
         try:
             with self._transaction() as db:
@@ -211,9 +215,10 @@ class SqlStore(GalleryStore):
                               "VALUES (?, ?, ?, ?, ?, ?)",
                           (identity_id, external_id, name, json.dumps(metadata), now, now))
                 self._log(db, "identity.create", identity_id)
+                stored = self._insert_faces(db, identity_id, faces)
         except self.unique_violation:
             raise self._duplicate_external_id(external_id) from None
-        return Identity(identity_id, external_id, name, dict(metadata), now, now, 0)
+        return Identity(identity_id, external_id, name, dict(metadata), now, now, len(stored)), stored
 
     def get_identity(self, identity_id: str) -> Identity:
         rows = self._read(_IDENTITY + " WHERE i.id = ?", (identity_id,))
@@ -278,21 +283,25 @@ class SqlStore(GalleryStore):
     # -- faces ----------------------------------------------------------------------------------
 
     def add_faces(self, identity_id: str, faces: Sequence[NewFace]) -> list[Face]:
-        out = []
         with self._transaction() as db:
             self._require_identity(db, identity_id)
-            for face in faces:
-                vector, now = _vector(face.embedding), utc_now()
-                face_id = self._insert(
-                    db, "INSERT INTO faces (identity_id, embedding, dim, model_name, model_version, created, crop, "
-                        "box, quality) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (identity_id, vector.tobytes(), int(vector.size), face.model.name, face.model.version, now,
-                     face.crop, json.dumps(face.box) if face.box is not None else None, json.dumps(face.quality)),
-                    "id")
-                self._log(db, "face.add", identity_id, face_id)
-                out.append(Face(face_id, identity_id, face.model, int(vector.size), now, face.crop is not None,
-                                face.box, dict(face.quality)))
+            out = self._insert_faces(db, identity_id, faces)
             self._run(db, "UPDATE identities SET updated = ? WHERE id = ?", (utc_now(), identity_id))
+        return out
+
+    def _insert_faces(self, db: Any, identity_id: str, faces: Sequence[NewFace]) -> list[Face]:
+        out = []
+        for face in faces:
+            vector, now = _vector(face.embedding), utc_now()
+            face_id = self._insert(
+                db, "INSERT INTO faces (identity_id, embedding, dim, model_name, model_version, created, crop, "
+                    "box, quality) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (identity_id, vector.tobytes(), int(vector.size), face.model.name, face.model.version, now,
+                 face.crop, json.dumps(face.box) if face.box is not None else None, json.dumps(face.quality)),
+                "id")
+            self._log(db, "face.add", identity_id, face_id)
+            out.append(Face(face_id, identity_id, face.model, int(vector.size), now, face.crop is not None,
+                            face.box, dict(face.quality)))
         return out
 
     def list_faces(self, identity_id: str, limit: int | None = None, after: int | None = None) -> list[Face]:

@@ -13,7 +13,7 @@ from anyio import to_thread
 
 from cdface.core.imaging import encode_png
 from cdface.serving.store import Face, Identity
-from cdface.serving.usecases.images import ImageIn, embed_faces, find_faces
+from cdface.serving.usecases.images import FoundFace, ImageIn, embed_faces, enrollable, find_faces
 
 if TYPE_CHECKING:
     from cdface.serving.service import FaceService
@@ -37,9 +37,27 @@ class FacePage:
     next_cursor: str | None  # the face id to list after for the next page; None on the last page
 
 
-def create_identity(service: FaceService, external_id: str | None, name: str | None,
-                    metadata: dict[str, Any]) -> IdentityDetail:
-    return IdentityDetail(service.store.create_identity(external_id, name, metadata), 0)
+@dataclass(frozen=True)
+class CreatedIdentity:
+    identity: Identity
+    faces: list[Face]
+
+
+async def create_identity(service: FaceService, external_id: str | None, name: str | None, metadata: dict[str, Any],
+                          images: list[ImageIn], retain_crop: bool | None) -> CreatedIdentity:
+    """Create an identity and enroll the faces of ``images`` in one transaction: either both exist or neither."""
+    if not images:
+        return CreatedIdentity(await to_thread.run_sync(service.store.create_identity, external_id, name, metadata), [])
+    found = await _enrollable_faces(service, images)
+    vectors = await embed_faces(service.embedder, found)
+
+    def store() -> tuple[Identity, list[Face]]:
+        crops = _retained_crops(service, found, retain_crop)
+        return service.gallery.create_identity(external_id, name, metadata, vectors, crops,
+                                               [f.face.box for f in found], [f.face.quality for f in found])
+
+    identity, faces = await to_thread.run_sync(store)
+    return CreatedIdentity(identity, faces)
 
 
 def list_identities(service: FaceService, limit: int, cursor: str | None, external_id: str | None = None,
@@ -72,16 +90,28 @@ def delete_identity(service: FaceService, identity_id: str) -> None:
 async def enroll(service: FaceService, identity_id: str, images: list[ImageIn], retain_crop: bool | None) -> list[Face]:
     """Enroll the faces found in ``images`` in one transaction; searchable before this returns."""
     await to_thread.run_sync(service.store.get_identity, identity_id)  # 404 before any inference
-    found = await find_faces(service, images)
+    found = await _enrollable_faces(service, images)
     vectors = await embed_faces(service.embedder, found)
-    retain = service.settings.retain_crops if retain_crop is None else retain_crop
 
     def store() -> list[Face]:
-        crops = [encode_png(f.face.crop) if retain else None for f in found]
+        crops = _retained_crops(service, found, retain_crop)
         return service.gallery.enroll(identity_id, vectors, crops, [f.face.box for f in found],
                                       [f.face.quality for f in found])
 
     return await to_thread.run_sync(store)
+
+
+async def _enrollable_faces(service: FaceService, images: list[ImageIn]) -> list[FoundFace]:
+    """The faces of ``images``, each passing enrollment's quality floor (else ``low_quality_face``)."""
+    found = await find_faces(service, images)
+    enrollable(service.settings, found)
+    return found
+
+
+def _retained_crops(service: FaceService, found: list[FoundFace], retain_crop: bool | None) -> list[bytes | None]:
+    """The crops to keep, as PNG (blocking work: call it in a worker thread)."""
+    retain = service.settings.retain_crops if retain_crop is None else retain_crop
+    return [encode_png(f.face.crop) if retain else None for f in found]
 
 
 def list_faces(service: FaceService, identity_id: str, limit: int, cursor: int | None) -> FacePage:

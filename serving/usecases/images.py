@@ -2,6 +2,11 @@
 
 Blocking work (base64, decoding, detection) runs in a worker thread; the Triton call is async. All
 faces of one request go to Triton as one batch.
+
+Each mode has its pixel budget, checked from the image header before a pixel is decoded: exactly
+112x112 for ``aligned``, ``max_detect_pixels`` for the detect modes, ``max_image_pixels`` for
+``landmarks``. Every crop then passes the face-presence and orientation gate
+(``cdface.core.detection.CropGate``), and enrollment adds its quality floor (``enrollable``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from anyio import to_thread
 from cdface.core.contract import INPUT_SIZE
 from cdface.core.imaging import ImageError, decode_image
 from cdface.serving.errors import InvalidRequest
-from cdface.serving.faces import FaceCrop, FaceMode, extract_faces
+from cdface.serving.faces import CropGate, FaceCrop, FaceMode, extract_faces
+from cdface.serving.settings import Settings
 from cdface.serving.triton import TritonEmbedder
 
 if TYPE_CHECKING:
@@ -53,6 +59,33 @@ def _from_base64(text: str, what: str, limit: int) -> bytes:
         raise ImageError("invalid_base64", f"the {what} is not valid base64") from None
 
 
+def pixel_budget(settings: Settings, mode: FaceMode) -> int:
+    """The most pixels an image's header may declare in ``mode`` (``aligned`` is checked as exactly 112x112)."""
+    if mode in ("detect", "detect_all"):
+        return min(settings.max_image_pixels, settings.max_detect_pixels)
+    return settings.max_image_pixels
+
+
+def crop_gate(settings: Settings) -> CropGate | None:
+    """The face-presence and orientation check of every crop; None when turned off (min_crop_face_score 0)."""
+    if settings.min_crop_face_score <= 0:
+        return None
+    return CropGate(settings.min_crop_face_score, settings.upside_down_margin)
+
+
+def enrollable(settings: Settings, faces: Sequence[FoundFace]) -> None:
+    """Refuse (``low_quality_face``) enrolling a face below the configured crop face score or sharpness."""
+    for found in faces:
+        quality = found.face.quality
+        score, sharp = quality.get("crop_score"), quality.get("sharpness", 0.0)
+        if score is not None and score < settings.min_enroll_face_score:
+            raise ImageError("low_quality_face", f"the face of image {found.image} scores {score:.2f} as a face; "
+                             f"enrollment needs at least {settings.min_enroll_face_score}")
+        if sharp < settings.min_enroll_sharpness:
+            raise ImageError("low_quality_face", f"the face of image {found.image} is blurred (sharpness "
+                             f"{sharp:.1f}; enrollment needs at least {settings.min_enroll_sharpness})")
+
+
 async def find_faces(service: FaceService, images: Sequence[ImageIn]) -> list[FoundFace]:
     """The faces of every image, in image order (``ImageError`` names the first image that fails)."""
     settings = service.settings
@@ -60,17 +93,22 @@ async def find_faces(service: FaceService, images: Sequence[ImageIn]) -> list[Fo
         raise InvalidRequest(f"{len(images)} images in one request; the limit is {settings.max_images}",
                              code="too_many_images")
 
+    gate = crop_gate(settings)
+
     def work() -> list[FoundFace]:
         out = []
         for i, image in enumerate(images):
             what = f"image {i}"
             data = _from_base64(image.data, what, settings.max_image_bytes) if isinstance(image.data, str) \
                 else image.data
-            rgb = decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+            rgb = decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=pixel_budget(settings, image.mode),
                                what=what, aligned=image.mode == "aligned")
-            crops = extract_faces(rgb, image.mode, detector=service.detector, landmarks=image.landmarks,
-                                  max_faces=settings.max_faces_per_image, min_face_size=image.min_face_size,
-                                  min_score=image.min_score)
+            try:
+                crops = extract_faces(rgb, image.mode, detector=service.detector, landmarks=image.landmarks,
+                                      max_faces=settings.max_faces_per_image, min_face_size=image.min_face_size,
+                                      min_score=image.min_score, gate=gate)
+            except ImageError as exc:  # say which image of the request has no usable face
+                raise ImageError(exc.code, f"{what}: {exc}") from None
             out += [FoundFace(i, crop) for crop in crops]
         return out
 

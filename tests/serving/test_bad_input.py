@@ -116,7 +116,7 @@ def corpus(photos):
          422, "expected_file"),
         ("truncated multipart", "post", "/v1/embeddings",
          {"content": b"--xyz\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a\"\r\n\r\nabc",
-          "headers": {"content-type": "multipart/form-data; boundary=xyz"}}, 422, "invalid_request"),
+          "headers": {"content-type": "multipart/form-data; boundary=xyz"}}, 400, "malformed_multipart"),
         ("multipart landmarks not json", "post", "/v1/embeddings",
          {"data": {"mode": "landmarks", "landmarks": "[[1,2],"}, "files": {"images": ("o.jpg", obama)}}, 422,
          "invalid_landmarks"),
