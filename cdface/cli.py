@@ -32,6 +32,7 @@ def _register() -> None:
     # Imported here, not at module top, so `cdface --help` stays fast and torch-free.
     from cdface.devtools.triton_cli import app as triton_app
     from cdface.export.cli import app as export_app
+    from cdface.serving.audit_cli import audit_app
     from cdface.serving.cli import gallery_app, keys_app, serve_command
     from cdface.training.cli import train_command
     from cdface.training.data.cli import app as data_app
@@ -45,6 +46,7 @@ def _register() -> None:
     app.command("serve")(serve_command)
     app.add_typer(keys_app, name="keys", help="API keys: create, list, revoke.")
     app.add_typer(gallery_app, name="gallery", help="The identity gallery: status, re-embedding after a model change.")
+    app.add_typer(audit_app, name="audit", help="The audit log: export as JSON lines, prune past its retention.")
 
 
 _register()

@@ -20,6 +20,7 @@ from cdface.serving.http_errors import install_error_handlers
 from cdface.serving.metrics import Metrics
 from cdface.serving.middleware import BodyLimit, RequestLimits
 from cdface.serving.openapi import openapi_builder
+from cdface.serving.rate_limits import RateLimiter
 from cdface.serving.routers import identities, inference, operations, ui
 from cdface.serving.service import FaceService
 from cdface.serving.settings import Settings
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None, service: FaceService | None = N
                               "in front of Triton Inference Server. Errors are JSON: "
                               "`{\"error\": {\"code\": ..., \"message\": ...}}`.")
     app.state.metrics = Metrics()
+    app.state.rate_limiter = RateLimiter(settings)
     install_error_handlers(app)
     for router in (inference.router, identities.router, operations.router, ui.router):
         app.include_router(router)

@@ -24,6 +24,7 @@ from cdface.serving.auth import authorize
 from cdface.serving.errors import InvalidRequest
 from cdface.serving.http_errors import invalid_request
 from cdface.serving.metrics import Metrics
+from cdface.serving.rate_limits import RateLimiter
 from cdface.serving.service import FaceService
 from cdface.serving.settings import Settings
 from cdface.serving.store import ApiKey
@@ -55,14 +56,21 @@ _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Ke
 
 
 def require(scope: str) -> Any:
-    """A route dependency: the caller's API key must allow ``scope`` (unless the server runs without keys)."""
+    """A route dependency: the caller's API key must allow ``scope`` (unless the server runs without keys), and
+    the caller must be within its rate limit for the routes of that scope (``cdface.serving.rate_limits``)."""
 
-    def check(service: ServiceDep, bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
+    def check(request: Request, service: ServiceDep, bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
               header: str | None = Depends(_header)) -> ApiKey | None:
-        if not service.settings.auth:
-            return None
-        key = (bearer.credentials if bearer else None) or header
-        return authorize(service.store, key, scope, service.settings.pepper)
+        record = None
+        if service.settings.auth:
+            key = (bearer.credentials if bearer else None) or header
+            record = authorize(service.store, key, scope, service.settings.pepper)
+        limiter: RateLimiter = request.app.state.rate_limiter
+        if limiter.enabled:
+            # Counted after authentication, so a stranger's requests never use up a real key's quota.
+            caller = f"key:{record.id}" if record else f"address:{request.client.host if request.client else '-'}"
+            limiter.hit(scope, caller)
+        return record
 
     return Depends(check)
 

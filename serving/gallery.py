@@ -32,7 +32,7 @@ import numpy as np
 
 from cdface.core.matching import cosine
 from cdface.serving.index import FaceIndex, IndexSpec
-from cdface.serving.store import Face, GalleryStore, Identity, ModelKey, NewFace
+from cdface.serving.store import NO_ACTOR, Actor, Face, GalleryStore, Identity, ModelKey, NewFace
 
 log = logging.getLogger("cdface.serving.gallery")
 
@@ -97,31 +97,32 @@ class Gallery:
     # -- writes ---------------------------------------------------------------------------------
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, crops: Sequence[bytes | None],
-               boxes: Sequence[list[float] | None], qualities: Sequence[dict[str, float]]) -> list[Face]:
+               boxes: Sequence[list[float] | None], qualities: Sequence[dict[str, float]],
+               actor: Actor = NO_ACTOR) -> list[Face]:
         faces = [NewFace(e, self.model, c, b, q) for e, c, b, q in zip(embeddings, crops, boxes, qualities)]
         with self._write_lock:
-            stored = self.store.add_faces(identity_id, faces)  # one transaction, durable on return
+            stored = self.store.add_faces(identity_id, faces, actor)  # one transaction, durable on return
             self._add([f.id for f in stored], [identity_id] * len(stored), np.asarray(embeddings, np.float32))
         return stored
 
     def create_identity(self, external_id: str | None, name: str | None, metadata: dict[str, Any],
                         embeddings: np.ndarray, crops: Sequence[bytes | None], boxes: Sequence[list[float] | None],
-                        qualities: Sequence[dict[str, float]]) -> tuple[Identity, list[Face]]:
+                        qualities: Sequence[dict[str, float]], actor: Actor = NO_ACTOR) -> tuple[Identity, list[Face]]:
         """Create an identity with its faces in one transaction (a crash leaves neither); searchable on return."""
         faces = [NewFace(e, self.model, c, b, q) for e, c, b, q in zip(embeddings, crops, boxes, qualities)]
         with self._write_lock:
-            identity, stored = self.store.create_identity_with_faces(external_id, name, metadata, faces)
+            identity, stored = self.store.create_identity_with_faces(external_id, name, metadata, faces, actor)
             self._add([f.id for f in stored], [identity.id] * len(stored), np.asarray(embeddings, np.float32))
         return identity, stored
 
-    def delete_face(self, identity_id: str, face_id: int) -> None:
+    def delete_face(self, identity_id: str, face_id: int, actor: Actor = NO_ACTOR) -> None:
         with self._write_lock:
-            self.store.delete_face(identity_id, face_id)
+            self.store.delete_face(identity_id, face_id, actor)
             self._forget([face_id])
 
-    def delete_identity(self, identity_id: str) -> list[int]:
+    def delete_identity(self, identity_id: str, actor: Actor = NO_ACTOR) -> list[int]:
         with self._write_lock:
-            face_ids = self.store.delete_identity(identity_id)
+            face_ids = self.store.delete_identity(identity_id, actor)
             self._forget(face_ids)
         return face_ids
 

@@ -33,6 +33,7 @@ STATUS = {
     "request_timeout": 408, "request_header_too_large": 431, "overloaded": 503, "deadline_exceeded": 504,
     # who is asking
     "unauthorized": 401, "invalid_api_key": 401, "forbidden": 403,
+    "rate_limited": 429, "rate_limiter_unavailable": 503,  # serving.rate_limits
     # the gallery
     "unknown_identity": 404, "unknown_face": 404, "unknown_api_key": 404, "no_retained_crop": 404,
     "duplicate_external_id": 409, "duplicate_api_key": 409,
@@ -45,7 +46,7 @@ UNPROCESSABLE = 422  # every other code: a well-formed request that cannot be se
 
 # The error statuses the OpenAPI document lists for the /v1 routes.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (401, 403, 404, 409, 413, 415, 422, 503)}
+    status: {"model": ErrorResponse} for status in (401, 403, 404, 409, 413, 415, 422, 429, 503)}
 
 # Errors FastAPI and Starlette raise themselves (unknown route, wrong method, ...): their codes.
 _FRAMEWORK_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",

@@ -128,12 +128,51 @@ class Settings(BaseSettings):
     bootstrap_admin_key: SecretStr | None = Field(default=None, description="An admin API key (cdf_<id>_<secret>) "
                                                   "stored, hashed, at start if absent: a way in on a fresh database.")
 
+    # Rate limits (cdface.serving.rate_limits): per API key (without keys: per client address) and route group
+    rate_limit: str = Field(default="600/minute", description=(
+        "Requests one API key (without keys: one client address) may make to each route group of /v1 - a group is "
+        "the scope its routes need (embed, verify, identify, enroll, delete, crops, admin) - in the `limits` "
+        "library's notation: `600/minute`, `10/second;600/minute`. Over it: 429 rate_limited + Retry-After. "
+        "Empty or `none`: no limit."))
+    rate_limits: dict[str, str] = Field(default_factory=dict, description=(
+        "Per route group limits instead of rate_limit, as JSON: {\"identify\": \"60/minute\", \"delete\": \"none\"}."))
+    rate_limit_storage: SecretStr = Field(default=SecretStr("memory://"), description=(
+        "Where the counts live: memory:// in each gateway process (several replicas each limit on their own), or "
+        "a store the replicas share: redis://host:6379, memcached://host:11211 (the URI may hold a password)."))
+
     @field_validator("triton_url")
     @classmethod
     def _grpc_target(cls, value: str) -> str:
         from cdface.serving.triton import check_target
 
         return check_target(value)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        return _check_rate_limit(value)
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _rate_limits(cls, value: dict[str, str]) -> dict[str, str]:
+        from cdface.serving.auth import SCOPES  # auth imports this module
+
+        unknown = sorted(set(value) - set(SCOPES))
+        if unknown:
+            raise ValueError(f"unknown route group(s) {unknown}; the groups are the scopes {', '.join(SCOPES)}")
+        return {group: _check_rate_limit(limit) for group, limit in value.items()}
+
+    @field_validator("rate_limit_storage")
+    @classmethod
+    def _rate_limit_storage(cls, value: SecretStr) -> SecretStr:
+        from limits.storage import SCHEMES
+
+        scheme = value.get_secret_value().split("://", 1)[0]
+        # The limiter runs in the (synchronous) auth dependency, so the limits library's async storages do not fit.
+        if "://" not in value.get_secret_value() or scheme not in SCHEMES or scheme.startswith("async+"):
+            known = ", ".join(f"{s}://" for s in sorted(SCHEMES) if not s.startswith("async+"))
+            raise ValueError(f"not a storage URI the limits library knows: use one of {known}")
+        return value
 
     @property
     def pepper(self) -> str | None:
@@ -151,6 +190,24 @@ class Settings(BaseSettings):
                 value = str(value)
             out[name] = value
         return out
+
+
+def rate_limit_off(limit: str) -> bool:
+    """Whether a rate limit setting means no limit (empty or ``none``)."""
+    return limit.strip().lower() in ("", "none")
+
+
+def _check_rate_limit(limit: str) -> str:
+    if rate_limit_off(limit):
+        return limit
+    from limits import parse_many
+
+    try:
+        parse_many(limit)
+    except ValueError:
+        raise ValueError(f"{limit!r} is not a rate limit: write e.g. 600/minute, 10/second;600/minute, "
+                         "or none") from None
+    return limit
 
 
 def is_secret(field: str) -> bool:

@@ -9,17 +9,19 @@ from cdface.serving.dependencies import ParsedBody, ServiceDep, form_images, ima
 from cdface.serving.http_errors import ERROR_RESPONSES
 from cdface.serving.openapi import body_doc
 from cdface.serving.routers import responses
+from cdface.serving.store import Actor, ApiKey
 from cdface.serving.usecases import identities
 
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES, tags=["gallery"])
 
 
 @router.post("/identities", response_model=s.IdentityCreated, status_code=201, operation_id="create_identity",
-             summary="Create an identity, optionally with its faces (one transaction)",
-             dependencies=[require("enroll")])
-async def create_identity(body: s.IdentityCreate, service: ServiceDep) -> s.IdentityCreated:
+             summary="Create an identity, optionally with its faces (one transaction)")
+async def create_identity(body: s.IdentityCreate, service: ServiceDep,
+                          key: ApiKey | None = require("enroll")) -> s.IdentityCreated:
     created = await identities.create_identity(service, body.external_id, body.name, body.metadata,
-                                               [image_in(spec) for spec in body.images], body.retain_crop)
+                                               [image_in(spec) for spec in body.images], body.retain_crop,
+                                               Actor.of(key))
     return responses.created_identity(created.identity, created.faces, service.model_key)
 
 
@@ -46,27 +48,27 @@ def get_identity(identity_id: str, service: ServiceDep) -> s.IdentityOut:
 
 
 @router.patch("/identities/{identity_id}", response_model=s.IdentityOut, operation_id="update_identity",
-              summary="Update an identity's external id, name or metadata", dependencies=[require("enroll")])
-def update_identity(identity_id: str, body: s.IdentityUpdate, service: ServiceDep) -> s.IdentityOut:
-    return responses.identity(identities.update_identity(service, identity_id, body.model_dump(exclude_unset=True)))
+              summary="Update an identity's external id, name or metadata")
+def update_identity(identity_id: str, body: s.IdentityUpdate, service: ServiceDep,
+                    key: ApiKey | None = require("enroll")) -> s.IdentityOut:
+    return responses.identity(identities.update_identity(service, identity_id, body.model_dump(exclude_unset=True),
+                                                         Actor.of(key)))
 
 
 @router.delete("/identities/{identity_id}", status_code=204, operation_id="delete_identity",
-               summary="Delete an identity and all its faces (erased from search at once)",
-               dependencies=[require("delete")])
-def delete_identity(identity_id: str, service: ServiceDep) -> Response:
-    identities.delete_identity(service, identity_id)
+               summary="Delete an identity and all its faces (erased from search at once)")
+def delete_identity(identity_id: str, service: ServiceDep, key: ApiKey | None = require("delete")) -> Response:
+    identities.delete_identity(service, identity_id, Actor.of(key))
     return Response(status_code=204)
 
 
 @router.post("/identities/{identity_id}/faces", response_model=s.EnrollResponse, status_code=201,
              operation_id="enroll_faces", summary="Enroll faces (one transaction)",
              openapi_extra=body_doc(s.EnrollRequest, {"images": "files", "retain_crop": {"type": "boolean"}},
-                                    ["images"]),
-             dependencies=[require("enroll")])
-async def enroll(identity_id: str, service: ServiceDep, body: ParsedBody[s.EnrollRequest] = json_or_form(
-        s.EnrollRequest, form_images)) -> s.EnrollResponse:
-    faces = await identities.enroll(service, identity_id, body.images, body.request.retain_crop)
+                                    ["images"]))
+async def enroll(identity_id: str, service: ServiceDep, key: ApiKey | None = require("enroll"),
+                 body: ParsedBody[s.EnrollRequest] = json_or_form(s.EnrollRequest, form_images)) -> s.EnrollResponse:
+    faces = await identities.enroll(service, identity_id, body.images, body.request.retain_crop, Actor.of(key))
     return s.EnrollResponse(faces=responses.faces(faces, service.model_key))
 
 
@@ -92,7 +94,8 @@ def get_face_crop(identity_id: str, service: ServiceDep, face_id: int = Path(ge=
 
 
 @router.delete("/identities/{identity_id}/faces/{face_id}", status_code=204, operation_id="delete_face",
-               summary="Delete a face", dependencies=[require("delete")])
-def delete_face(identity_id: str, service: ServiceDep, face_id: int = Path(ge=1, le=2**63 - 1)) -> Response:
-    identities.delete_face(service, identity_id, face_id)
+               summary="Delete a face")
+def delete_face(identity_id: str, service: ServiceDep, key: ApiKey | None = require("delete"),
+                face_id: int = Path(ge=1, le=2**63 - 1)) -> Response:
+    identities.delete_face(service, identity_id, face_id, Actor.of(key))
     return Response(status_code=204)

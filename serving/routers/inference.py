@@ -18,6 +18,7 @@ from cdface.serving.dependencies import (
 from cdface.serving.http_errors import ERROR_RESPONSES
 from cdface.serving.openapi import body_doc
 from cdface.serving.routers import responses
+from cdface.serving.store import Actor, ApiKey
 from cdface.serving.usecases import recognition
 
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES, tags=["faces"])
@@ -45,25 +46,25 @@ async def embeddings(service: ServiceDep, body: ParsedBody[s.EmbeddingsRequest] 
              summary="1:1 - are these the same person? (images or embeddings)",
              openapi_extra=body_doc(s.VerifyRequest, {"image": "file", "other": "file",
                                                       "identity_id": {"type": "string"},
-                                                      "far": {"type": "number"}}, ["image"]),
-             dependencies=[require("verify")])
-async def verify(service: ServiceDep, body: ParsedBody[s.VerifyRequest] = json_or_form(
-        s.VerifyRequest, form_verify)) -> s.VerifyResponse:
+                                                      "far": {"type": "number"}}, ["image"]))
+async def verify(service: ServiceDep, key: ApiKey | None = require("verify"),
+                 body: ParsedBody[s.VerifyRequest] = json_or_form(s.VerifyRequest, form_verify)) -> s.VerifyResponse:
     req, images = body.request, iter(body.images)  # the images in request order: 'image', then 'other'
     image = next(images) if req.image is not None else None
     target = recognition.VerifyTarget(next(images) if req.other is not None else None, req.other_embedding,
                                       req.identity_id)
-    return responses.verification(service, await recognition.verify(service, image, req.embedding, target, req.far))
+    return responses.verification(service, await recognition.verify(service, image, req.embedding, target, req.far,
+                                                                           Actor.of(key)))
 
 
 @router.post("/identify", response_model=s.IdentifyResponse, operation_id="identify",
              summary="1:N - who is this? (an image or an embedding)",
              openapi_extra=body_doc(s.IdentifyRequest, {"image": "file", "top_k": {"type": "integer"},
-                                                        "far": {"type": "number"}}, ["image"]),
-             dependencies=[require("identify")])
-async def identify(service: ServiceDep, body: ParsedBody[s.IdentifyRequest] = json_or_form(
-        s.IdentifyRequest, form_identify)) -> s.IdentifyResponse:
+                                                        "far": {"type": "number"}}, ["image"]))
+async def identify(service: ServiceDep, key: ApiKey | None = require("identify"),
+                   body: ParsedBody[s.IdentifyRequest] = json_or_form(s.IdentifyRequest, form_identify),
+                   ) -> s.IdentifyResponse:
     req = body.request
     image = body.images[0] if body.images else None
-    result = await recognition.identify(service, image, req.embedding, req.top_k, req.far)
+    result = await recognition.identify(service, image, req.embedding, req.top_k, req.far, Actor.of(key))
     return responses.identification(service, result)

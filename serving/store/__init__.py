@@ -6,7 +6,10 @@ needed only when PostgreSQL is used.
 
 from cdface.serving.errors import Conflict, NotFound
 from cdface.serving.store.base import (
+    NO_ACTOR,
+    Actor,
     ApiKey,
+    AuditEntry,
     Change,
     Embeddings,
     Face,
@@ -15,10 +18,12 @@ from cdface.serving.store.base import (
     ModelKey,
     NewFace,
     new_identity_id,
+    utc_iso,
     utc_now,
 )
 from cdface.serving.store.sql import SCHEMA_VERSION, SqlStore
 from cdface.serving.store.sqlite import SQLiteStore
 
-__all__ = ["ApiKey", "Change", "Conflict", "Embeddings", "Face", "GalleryStore", "Identity", "ModelKey", "NewFace",
-           "NotFound", "SCHEMA_VERSION", "SQLiteStore", "SqlStore", "new_identity_id", "utc_now"]
+__all__ = ["NO_ACTOR", "Actor", "ApiKey", "AuditEntry", "Change", "Conflict", "Embeddings", "Face", "GalleryStore",
+           "Identity", "ModelKey", "NewFace", "NotFound", "SCHEMA_VERSION", "SQLiteStore", "SqlStore",
+           "new_identity_id", "utc_iso", "utc_now"]

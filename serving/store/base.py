@@ -1,7 +1,8 @@
 """The gallery's store of record: its records and ``GalleryStore``, the one interface every store implements.
 
-A store holds identities, their faces (embeddings), API keys (hashes only) and an ordered change
-log. Every write is one transaction and is durable when the call returns, so a write the caller saw
+A store holds identities, their faces (embeddings), API keys (hashes only), an ordered change
+log and an append-only audit log (``AuditEntry``: each write's row commits in the write's own
+transaction). Every write is one transaction and is durable when the call returns, so a write the caller saw
 acknowledged survives a crash of the process (kill -9) or of the machine.
 
 The change log (a strictly increasing ``seq``) is the change feed: gateways sharing one store
@@ -25,7 +26,14 @@ import numpy as np
 
 
 def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+    return utc_iso(_dt.datetime.now(_dt.timezone.utc))
+
+
+def utc_iso(moment: _dt.datetime) -> str:
+    """``moment`` as the store writes times (UTC, milliseconds), so stored times compare as text."""
+    if moment.tzinfo is None:
+        raise ValueError("a time without a time zone is ambiguous; give one (e.g. Z or +00:00)")
+    return moment.astimezone(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def new_identity_id() -> str:
@@ -93,6 +101,42 @@ class Change:
     at: str
 
 
+@dataclass(frozen=True)
+class Actor:
+    """Who made a request, as the audit log records it: the API key's public id (None when auth is off
+    or for the command line) and the request's id when there is one."""
+
+    key_id: str | None = None
+    request_id: str | None = None
+
+    @classmethod
+    def of(cls, key: ApiKey | None) -> Actor:
+        return cls(key.id if key is not None else None)
+
+
+NO_ACTOR = Actor()
+"""Writes with no API key behind them: auth off, or the command line."""
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One row of the append-only audit log: who did what to which identity, never an image or an embedding.
+
+    ``action``: create_identity | update_identity | delete_identity | enroll | delete_face | reembed (writes,
+    recorded in the write's own transaction) | identify | verify (searches, recorded after they answer).
+    ``outcome`` holds counts, ids and decisions only (e.g. ``{"faces": 2}``, ``{"match": true}``).
+    """
+
+    id: int
+    at: str  # UTC, ISO 8601 with milliseconds
+    key_id: str | None
+    action: str
+    identity_id: str | None
+    face_ids: list[int]
+    outcome: dict[str, Any]
+    request_id: str | None
+
+
 Embeddings = tuple[np.ndarray, list[str], np.ndarray]
 """(face ids int64 [N], their identity ids, embeddings float32 [N, dim]), in face id order."""
 
@@ -110,11 +154,12 @@ class GalleryStore(abc.ABC):
     # -- identities -----------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def create_identity(self, external_id: str | None, name: str | None, metadata: dict[str, Any]) -> Identity: ...
+    def create_identity(self, external_id: str | None, name: str | None, metadata: dict[str, Any],
+                        actor: Actor = NO_ACTOR) -> Identity: ...
 
     @abc.abstractmethod
     def create_identity_with_faces(self, external_id: str | None, name: str | None, metadata: dict[str, Any],
-                                   faces: Sequence[NewFace]) -> tuple[Identity, list[Face]]:
+                                   faces: Sequence[NewFace], actor: Actor = NO_ACTOR) -> tuple[Identity, list[Face]]:
         """Create the identity and add its faces, all or nothing (one transaction)."""
 
     @abc.abstractmethod
@@ -131,10 +176,10 @@ class GalleryStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def update_identity(self, identity_id: str, changes: dict[str, Any]) -> Identity: ...
+    def update_identity(self, identity_id: str, changes: dict[str, Any], actor: Actor = NO_ACTOR) -> Identity: ...
 
     @abc.abstractmethod
-    def delete_identity(self, identity_id: str) -> list[int]:
+    def delete_identity(self, identity_id: str, actor: Actor = NO_ACTOR) -> list[int]:
         """Delete the identity and all its faces; return the deleted face ids."""
 
     @abc.abstractmethod
@@ -144,7 +189,7 @@ class GalleryStore(abc.ABC):
     # -- faces ----------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def add_faces(self, identity_id: str, faces: Sequence[NewFace]) -> list[Face]:
+    def add_faces(self, identity_id: str, faces: Sequence[NewFace], actor: Actor = NO_ACTOR) -> list[Face]:
         """Add all the faces or none (one transaction)."""
 
     @abc.abstractmethod
@@ -156,7 +201,7 @@ class GalleryStore(abc.ABC):
         """The face's retained aligned crop (PNG); ``NotFound`` when the identity, the face or the crop is absent."""
 
     @abc.abstractmethod
-    def delete_face(self, identity_id: str, face_id: int) -> None: ...
+    def delete_face(self, identity_id: str, face_id: int, actor: Actor = NO_ACTOR) -> None: ...
 
     @abc.abstractmethod
     def face_embeddings(self, identity_id: str, model: ModelKey) -> np.ndarray:
@@ -178,7 +223,8 @@ class GalleryStore(abc.ABC):
         """(face id, retained crop PNG) of faces made by another model that kept their crop."""
 
     @abc.abstractmethod
-    def replace_embeddings(self, items: Sequence[tuple[int, np.ndarray]], model: ModelKey) -> int:
+    def replace_embeddings(self, items: Sequence[tuple[int, np.ndarray]], model: ModelKey,
+                           actor: Actor = NO_ACTOR) -> int:
         """Store new embeddings (made by ``model``) for these faces; return how many faces still existed."""
 
     # -- the change feed ------------------------------------------------------------------------
@@ -198,6 +244,22 @@ class GalleryStore(abc.ABC):
         Only a wake-up: what changed is read from ``changes_since``, so a missed wake-up costs a
         ``timeout``, never a change.
         """
+
+    # -- the audit log (append-only) ------------------------------------------------------------
+
+    @abc.abstractmethod
+    def append_audit(self, actor: Actor, action: str, identity_id: str | None = None,
+                     face_ids: Sequence[int] = (), outcome: dict[str, Any] | None = None) -> None:
+        """Record a search (identify, verify); writes record themselves inside their own transaction."""
+
+    @abc.abstractmethod
+    def audit_entries(self, after: int = 0, limit: int = 1000, since: str | None = None,
+                      until: str | None = None) -> list[AuditEntry]:
+        """Up to ``limit`` rows with an id above ``after``, by id, with ``since <= at < until`` (UTC ISO texts)."""
+
+    @abc.abstractmethod
+    def prune_audit(self, before: str) -> int:
+        """Delete the rows older than ``before`` (UTC ISO): the retention policy, the log's only deletion."""
 
     # -- API keys (hashes only) -----------------------------------------------------------------
 

@@ -12,7 +12,8 @@
   wake-up a committed change sends to the processes that follow the change log.
 
 Every write runs in ``_transaction()``: one transaction, durable when it returns; the change-log
-rows of a write commit with it, so the log never shows a change the tables do not hold.
+rows of a write commit with it, so the log never shows a change the tables do not hold. So do
+its ``audit_log`` row: an acknowledged write always has one, a rolled-back write never does.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ import numpy as np
 from cdface.core.errors import CdfaceError
 from cdface.serving.errors import Conflict, InvalidRequest, NotFound
 from cdface.serving.store.base import (
+    NO_ACTOR,
+    Actor,
     ApiKey,
+    AuditEntry,
     Change,
     Embeddings,
     Face,
@@ -80,6 +84,17 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created TEXT NOT NULL,
     revoked TEXT
 );
+CREATE TABLE IF NOT EXISTS audit_log (
+    id $serial_key,
+    at TEXT NOT NULL,
+    key_id TEXT,
+    action TEXT NOT NULL,
+    identity_id TEXT,
+    face_ids TEXT NOT NULL DEFAULT '[]',
+    outcome TEXT NOT NULL DEFAULT '{}',
+    request_id TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log(at);
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """)
 
@@ -88,6 +103,7 @@ _IDENTITY = ("SELECT i.id, i.external_id, i.name, i.metadata, i.created, i.updat
 _FACE = "SELECT id, identity_id, model_name, model_version, dim, created, crop IS NOT NULL, box, quality FROM faces"
 _KEY = "SELECT id, name, scopes, created, revoked FROM api_keys"
 _UPDATABLE = ("external_id", "name", "metadata")
+_AUDIT = "SELECT id, at, key_id, action, identity_id, face_ids, outcome, request_id FROM audit_log"
 
 
 def _identity(row: tuple) -> Identity:
@@ -101,6 +117,10 @@ def _face(row: tuple) -> Face:
 
 def _key(row: tuple) -> ApiKey:
     return ApiKey(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4])
+
+
+def _audit_entry(row: tuple) -> AuditEntry:
+    return AuditEntry(int(row[0]), row[1], row[2], row[3], row[4], json.loads(row[5]), json.loads(row[6]), row[7])
 
 
 def _vector(embedding: np.ndarray) -> np.ndarray:
@@ -193,6 +213,14 @@ class SqlStore(GalleryStore):
                            (op, identity_id, face_id, utc_now()), "seq")
         self._notify(db, seq)
 
+    def _audit(self, db: Any, actor: Actor, action: str, identity_id: str | None, face_ids: Sequence[int] = (),
+               outcome: dict[str, Any] | None = None) -> None:
+        """Append an audit row in ``db``'s transaction: ids, counts and decisions only (no names, images, vectors)."""
+        self._run(db, "INSERT INTO audit_log (at, key_id, action, identity_id, face_ids, outcome, request_id) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                  (utc_now(), actor.key_id, action, identity_id, json.dumps([int(f) for f in face_ids]),
+                   json.dumps(outcome or {}), actor.request_id))
+
     def _require_identity(self, db: Any, identity_id: str) -> None:
         if self._run(db, "SELECT 1 FROM identities WHERE id = ?", (identity_id,)).fetchone() is None:
             raise NotFound(f"no identity with id {identity_id!r}", code="unknown_identity")
@@ -203,11 +231,12 @@ class SqlStore(GalleryStore):
 
     # -- identities -----------------------------------------------------------------------------
 
-    def create_identity(self, external_id: str | None, name: str | None, metadata: dict[str, Any]) -> Identity:
-        return self.create_identity_with_faces(external_id, name, metadata, ())[0]
+    def create_identity(self, external_id: str | None, name: str | None, metadata: dict[str, Any],
+                        actor: Actor = NO_ACTOR) -> Identity:
+        return self.create_identity_with_faces(external_id, name, metadata, (), actor)[0]
 
     def create_identity_with_faces(self, external_id: str | None, name: str | None, metadata: dict[str, Any],
-                                   faces: Sequence[NewFace]) -> tuple[Identity, list[Face]]:
+                                   faces: Sequence[NewFace], actor: Actor = NO_ACTOR) -> tuple[Identity, list[Face]]:
         identity_id, now = new_identity_id(), utc_now()
         try:
             with self._transaction() as db:
@@ -216,6 +245,7 @@ class SqlStore(GalleryStore):
                           (identity_id, external_id, name, json.dumps(metadata), now, now))
                 self._log(db, "identity.create", identity_id)
                 stored = self._insert_faces(db, identity_id, faces)
+                self._audit(db, actor, "create_identity", identity_id, [f.id for f in stored], {"faces": len(stored)})
         except self.unique_violation:
             raise self._duplicate_external_id(external_id) from None
         return Identity(identity_id, external_id, name, dict(metadata), now, now, len(stored)), stored
@@ -251,7 +281,7 @@ class SqlStore(GalleryStore):
         condition, args = self._in("i.id", ids)
         return {r[0]: _identity(r) for r in self._read(f"{_IDENTITY} WHERE {condition}", args)}
 
-    def update_identity(self, identity_id: str, changes: dict[str, Any]) -> Identity:
+    def update_identity(self, identity_id: str, changes: dict[str, Any], actor: Actor = NO_ACTOR) -> Identity:
         unknown = set(changes) - set(_UPDATABLE)
         if unknown:
             raise InvalidRequest(f"cannot update {sorted(unknown)}", code="store_error")
@@ -264,11 +294,13 @@ class SqlStore(GalleryStore):
                     self._run(db, f"UPDATE identities SET {column} = ? WHERE id = ?", (value, identity_id))
                 self._run(db, "UPDATE identities SET updated = ? WHERE id = ?", (utc_now(), identity_id))
                 self._log(db, "identity.update", identity_id)
+                # Which fields changed, never their values (names are personal data).
+                self._audit(db, actor, "update_identity", identity_id, outcome={"fields": sorted(changes)})
         except self.unique_violation:
             raise self._duplicate_external_id(changes.get("external_id")) from None
         return self.get_identity(identity_id)
 
-    def delete_identity(self, identity_id: str) -> list[int]:
+    def delete_identity(self, identity_id: str, actor: Actor = NO_ACTOR) -> list[int]:
         with self._transaction() as db:
             self._require_identity(db, identity_id)
             face_ids = [int(r[0]) for r in self._run(db, "SELECT id FROM faces WHERE identity_id = ? ORDER BY id",
@@ -278,14 +310,16 @@ class SqlStore(GalleryStore):
             for face_id in face_ids:
                 self._log(db, "face.delete", identity_id, face_id)
             self._log(db, "identity.delete", identity_id)
+            self._audit(db, actor, "delete_identity", identity_id, face_ids, {"faces": len(face_ids)})
         return face_ids
 
     # -- faces ----------------------------------------------------------------------------------
 
-    def add_faces(self, identity_id: str, faces: Sequence[NewFace]) -> list[Face]:
+    def add_faces(self, identity_id: str, faces: Sequence[NewFace], actor: Actor = NO_ACTOR) -> list[Face]:
         with self._transaction() as db:
             self._require_identity(db, identity_id)
             out = self._insert_faces(db, identity_id, faces)
+            self._audit(db, actor, "enroll", identity_id, [f.id for f in out], {"faces": len(out)})
             self._run(db, "UPDATE identities SET updated = ? WHERE id = ?", (utc_now(), identity_id))
         return out
 
@@ -322,12 +356,13 @@ class SqlStore(GalleryStore):
                            code="no_retained_crop")
         return bytes(rows[0][0])
 
-    def delete_face(self, identity_id: str, face_id: int) -> None:
+    def delete_face(self, identity_id: str, face_id: int, actor: Actor = NO_ACTOR) -> None:
         with self._transaction() as db:
             deleted = self._run(db, "DELETE FROM faces WHERE id = ? AND identity_id = ?", (face_id, identity_id))
             if deleted.rowcount == 0:
                 raise NotFound(f"identity {identity_id!r} has no face {face_id}", code="unknown_face")
             self._log(db, "face.delete", identity_id, face_id)
+            self._audit(db, actor, "delete_face", identity_id, [face_id])
 
     def face_embeddings(self, identity_id: str, model: ModelKey) -> np.ndarray:
         rows = self._read("SELECT embedding FROM faces WHERE identity_id = ? AND model_name = ? AND model_version = ? "
@@ -367,7 +402,8 @@ class SqlStore(GalleryStore):
             if found:
                 yield int(face_id), bytes(found[0][0])
 
-    def replace_embeddings(self, items: Sequence[tuple[int, np.ndarray]], model: ModelKey) -> int:
+    def replace_embeddings(self, items: Sequence[tuple[int, np.ndarray]], model: ModelKey,
+                           actor: Actor = NO_ACTOR) -> int:
         done = 0
         with self._transaction() as db:
             for face_id, embedding in items:
@@ -379,6 +415,7 @@ class SqlStore(GalleryStore):
                     owner = self._run(db, "SELECT identity_id FROM faces WHERE id = ?", (int(face_id),)).fetchone()[0]
                     self._log(db, "face.reembed", owner, int(face_id))
                     done += 1
+            self._audit(db, actor, "reembed", None, outcome={"faces": done, "model": str(model)})
         return done
 
     # -- the change feed ------------------------------------------------------------------------
@@ -390,6 +427,30 @@ class SqlStore(GalleryStore):
 
     def last_seq(self) -> int:
         return int(self._read("SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0])
+
+    # -- the audit log --------------------------------------------------------------------------
+
+    def append_audit(self, actor: Actor, action: str, identity_id: str | None = None,
+                     face_ids: Sequence[int] = (), outcome: dict[str, Any] | None = None) -> None:
+        with self._transaction() as db:
+            self._audit(db, actor, action, identity_id, face_ids, outcome)
+
+    def audit_entries(self, after: int = 0, limit: int = 1000, since: str | None = None,
+                      until: str | None = None) -> list[AuditEntry]:
+        conditions: list[str] = ["id > ?"]
+        args: list[Any] = [after]
+        if since is not None:  # times are stored in one UTC format (utc_iso), so text order is time order
+            conditions.append(f"at{self.byte_order} >= ?")
+            args.append(since)
+        if until is not None:
+            conditions.append(f"at{self.byte_order} < ?")
+            args.append(until)
+        rows = self._read(f"{_AUDIT} WHERE {' AND '.join(conditions)} ORDER BY id LIMIT ?", (*args, limit))
+        return [_audit_entry(r) for r in rows]
+
+    def prune_audit(self, before: str) -> int:
+        with self._transaction() as db:
+            return int(self._run(db, f"DELETE FROM audit_log WHERE at{self.byte_order} < ?", (before,)).rowcount)
 
     # -- API keys -------------------------------------------------------------------------------
 

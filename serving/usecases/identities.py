@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from anyio import to_thread
 
 from cdface.core.imaging import encode_png
-from cdface.serving.store import Face, Identity
+from cdface.serving.store import NO_ACTOR, Actor, Face, Identity
 from cdface.serving.usecases.images import FoundFace, ImageIn, embed_faces, enrollable, find_faces
 
 if TYPE_CHECKING:
@@ -44,17 +44,18 @@ class CreatedIdentity:
 
 
 async def create_identity(service: FaceService, external_id: str | None, name: str | None, metadata: dict[str, Any],
-                          images: list[ImageIn], retain_crop: bool | None) -> CreatedIdentity:
+                          images: list[ImageIn], retain_crop: bool | None, actor: Actor = NO_ACTOR) -> CreatedIdentity:
     """Create an identity and enroll the faces of ``images`` in one transaction: either both exist or neither."""
     if not images:
-        return CreatedIdentity(await to_thread.run_sync(service.store.create_identity, external_id, name, metadata), [])
+        return CreatedIdentity(await to_thread.run_sync(service.store.create_identity, external_id, name, metadata,
+                                                        actor), [])
     found = await _enrollable_faces(service, images)
     vectors = await embed_faces(service.embedder, found)
 
     def store() -> tuple[Identity, list[Face]]:
         crops = _retained_crops(service, found, retain_crop)
         return service.gallery.create_identity(external_id, name, metadata, vectors, crops,
-                                               [f.face.box for f in found], [f.face.quality for f in found])
+                                               [f.face.box for f in found], [f.face.quality for f in found], actor)
 
     identity, faces = await to_thread.run_sync(store)
     return CreatedIdentity(identity, faces)
@@ -75,19 +76,21 @@ def get_identity(service: FaceService, identity_id: str) -> IdentityDetail:
     return IdentityDetail(identity, stale)
 
 
-def update_identity(service: FaceService, identity_id: str, changes: dict[str, Any]) -> Identity:
+def update_identity(service: FaceService, identity_id: str, changes: dict[str, Any],
+                    actor: Actor = NO_ACTOR) -> Identity:
     """Apply ``changes`` (external_id, name, metadata); None clears a field."""
     if "metadata" in changes and changes["metadata"] is None:
         changes = {**changes, "metadata": {}}  # null clears it, like name and external_id
-    return service.store.update_identity(identity_id, changes)
+    return service.store.update_identity(identity_id, changes, actor)
 
 
-def delete_identity(service: FaceService, identity_id: str) -> None:
+def delete_identity(service: FaceService, identity_id: str, actor: Actor = NO_ACTOR) -> None:
     """Delete the identity and all its faces; erased from search before this returns."""
-    service.gallery.delete_identity(identity_id)
+    service.gallery.delete_identity(identity_id, actor)
 
 
-async def enroll(service: FaceService, identity_id: str, images: list[ImageIn], retain_crop: bool | None) -> list[Face]:
+async def enroll(service: FaceService, identity_id: str, images: list[ImageIn], retain_crop: bool | None,
+                 actor: Actor = NO_ACTOR) -> list[Face]:
     """Enroll the faces found in ``images`` in one transaction; searchable before this returns."""
     await to_thread.run_sync(service.store.get_identity, identity_id)  # 404 before any inference
     found = await _enrollable_faces(service, images)
@@ -96,7 +99,7 @@ async def enroll(service: FaceService, identity_id: str, images: list[ImageIn], 
     def store() -> list[Face]:
         crops = _retained_crops(service, found, retain_crop)
         return service.gallery.enroll(identity_id, vectors, crops, [f.face.box for f in found],
-                                      [f.face.quality for f in found])
+                                      [f.face.quality for f in found], actor)
 
     return await to_thread.run_sync(store)
 
@@ -126,6 +129,6 @@ def face_crop(service: FaceService, identity_id: str, face_id: int) -> bytes:
     return service.store.face_crop(identity_id, face_id)
 
 
-def delete_face(service: FaceService, identity_id: str, face_id: int) -> None:
+def delete_face(service: FaceService, identity_id: str, face_id: int, actor: Actor = NO_ACTOR) -> None:
     """Delete one face; erased from search before this returns."""
-    service.gallery.delete_face(identity_id, face_id)
+    service.gallery.delete_face(identity_id, face_id, actor)

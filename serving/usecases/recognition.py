@@ -18,7 +18,7 @@ from anyio import to_thread
 
 from cdface.core.matching import cosine, is_match
 from cdface.serving.errors import InvalidRequest
-from cdface.serving.store import Identity
+from cdface.serving.store import NO_ACTOR, Actor, Identity
 from cdface.serving.usecases.images import FoundFace, ImageIn, embed_faces, find_faces
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ class VerifyTarget:
 
 
 async def verify(service: FaceService, image: ImageIn | None, embedding: Sequence[float] | None,
-                 target: VerifyTarget, far: float | None) -> Verification:
+                 target: VerifyTarget, far: float | None, actor: Actor = NO_ACTOR) -> Verification:
     """The probe (``image`` or ``embedding``) against ``target``: another face, or an identity's best face."""
     _one_probe(image, embedding)
     decision = decide(service, far)
@@ -132,7 +132,11 @@ async def verify(service: FaceService, image: ImageIn | None, embedding: Sequenc
             raise InvalidRequest(f"identity {target.identity_id!r} has no faces made by the served model "
                                  f"{service.model_key}", code="identity_has_no_faces")
         similarity = cosine((enrolled @ vectors[0]).max())
-    return Verification(decision, similarity, decision.accepts(similarity), target.identity_id, faces)
+    verification = Verification(decision, similarity, decision.accepts(similarity), target.identity_id, faces)
+    # The audit row records the decision only: no similarity, image or embedding.
+    await to_thread.run_sync(service.store.append_audit, actor, "verify", target.identity_id, (),
+                             {"match": verification.match})
+    return verification
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,7 @@ class Identification:
 
 
 async def identify(service: FaceService, image: ImageIn | None, embedding: Sequence[float] | None, top_k: int,
-                   far: float | None) -> Identification:
+                   far: float | None, actor: Actor = NO_ACTOR) -> Identification:
     """Per face in ``image`` (or for the given ``embedding``), the ``top_k`` most similar enrolled identities."""
     _one_probe(image, embedding)
     if top_k > service.settings.max_top_k:
@@ -177,4 +181,8 @@ async def identify(service: FaceService, image: ImageIn | None, embedding: Seque
         candidates = [Candidate(identities[c.identity_id], c.face_id, c.similarity, decision.accepts(c.similarity))
                       for c in row if c.identity_id in identities]  # not those deleted since the search
         faces.append(IdentifiedFace(face, candidates, candidates[0] if candidates and candidates[0].match else None))
+    # Per face searched: its best candidate's identity id and whether it matched (ids only, no names).
+    top1 = [face.candidates[0].identity.id if face.candidates else None for face in faces]
+    await to_thread.run_sync(service.store.append_audit, actor, "identify", None, (),
+                             {"faces": len(faces), "top1": top1, "match": [face.match is not None for face in faces]})
     return Identification(decision, faces)

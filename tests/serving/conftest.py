@@ -112,7 +112,10 @@ def start_gateway(workdir: Path, triton_url: str, model_repo: Path, *, db: Path 
            "CDFACE_SERVE_MAX_IMAGE_BYTES": str(8 * 1024 * 1024),
            # Many tests send random 112x112 crops as stand-ins for faces (a distinct embedding per seed), which
            # the face gate refuses; tests/serving/test_faults.py runs the gate at its production default.
-           "CDFACE_SERVE_MIN_CROP_FACE_SCORE": "0", **(extra_env or {})}
+           "CDFACE_SERVE_MIN_CROP_FACE_SCORE": "0",
+           # The session's gateways serve thousands of requests per key (schemathesis, load and kill tests), over
+           # the production default of 600/minute; tests/serving/test_rate_limits.py sets its own limits.
+           "CDFACE_SERVE_RATE_LIMIT": "none", **(extra_env or {})}
     log = workdir / f"gateway-{port}.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "cdface.serving.cli", "serve", *args], cwd=REPO_ROOT, env=env,
