@@ -218,12 +218,13 @@ class Trainer:
 
     def _with_head_momentum(self, state: dict, whole: bool) -> dict:
         """``state`` (an optimizer state dict) with a sharded head's momentum made whole, or re-sharded."""
-        head, slot = self.model.head, state["state"].get(self._head_slot())
+        head, index = self.model.head, self._head_slot()
+        slot = state["state"].get(index)
         if not isinstance(head, ShardedMarginHead) or slot is None or "momentum_buffer" not in slot:
             return state
         momentum = slot["momentum_buffer"]
         converted = {**slot, "momentum_buffer": head.gather_full(momentum) if whole else head.shard(momentum)}
-        return {**state, "state": {**state["state"], self._head_slot(): converted}}
+        return {**state, "state": {**state["state"], index: converted}}
 
     def _optimizer_state(self) -> dict:
         return self._with_head_momentum(self.optimizer.state_dict(), whole=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 MODEL = "face"
@@ -249,3 +250,24 @@ def start_pg_gateway(workdir: Path, triton_url: str, model_repo: Path, database_
     return start_gateway(workdir, triton_url, model_repo, keys=keys,
                          extra_env={"CDFACE_SERVE_DATABASE_URL": database_url, "CDFACE_SERVE_SYNC_POLL_S": "0.5",
                                     **env})
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    """A gallery store on each database (a test module may define its own ``store`` instead)."""
+    from cdface.serving.store import SQLiteStore
+
+    if request.param == "sqlite":
+        s = SQLiteStore(tmp_path / "g.db")
+    else:
+        from cdface.serving.store.postgres import PostgresStore
+
+        s = PostgresStore(request.getfixturevalue("postgres_url"))
+    yield s
+    s.close()
+
+
+def vec(seed: int, dim: int = 8) -> np.ndarray:
+    """A seeded unit vector (a stand-in embedding)."""
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)

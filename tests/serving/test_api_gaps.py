@@ -14,9 +14,7 @@ from PIL import Image
 
 from cdface.serving.store import ModelKey, NewFace, NotFound, SQLiteStore
 
-from tests.serving.test_postgres_store import store, vec  # noqa: F401 (the store fixture, on both databases)
-
-from .conftest import b64, start_gateway
+from .conftest import b64, start_gateway, vec
 
 pytestmark = pytest.mark.slow
 

@@ -19,27 +19,10 @@ from PIL import Image
 
 from cdface.serving.store import Actor, AuditEntry, Conflict, ModelKey, NewFace, NotFound, SQLiteStore, utc_now
 
-from .conftest import REPO_ROOT, b64, start_gateway
+from .conftest import REPO_ROOT, b64, start_gateway, vec
 
 M1 = ModelKey("face", 1)
 ALICE = Actor("k_alice")
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        s = SQLiteStore(tmp_path / "g.db")
-    else:
-        from cdface.serving.store.postgres import PostgresStore
-
-        s = PostgresStore(request.getfixturevalue("postgres_url"))
-    yield s
-    s.close()
-
-
-def vec(seed: int, dim: int = 8) -> np.ndarray:
-    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
-    return v / np.linalg.norm(v)
 
 
 def rows(store) -> list[AuditEntry]:

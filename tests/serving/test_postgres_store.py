@@ -10,26 +10,11 @@ import threading
 import numpy as np
 import pytest
 
-from cdface.serving.store import Conflict, ModelKey, NewFace, NotFound, SQLiteStore
+from cdface.serving.store import Conflict, ModelKey, NewFace, NotFound
+
+from .conftest import vec
 
 M1, M2 = ModelKey("face", 1), ModelKey("face", 2)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        s = SQLiteStore(tmp_path / "g.db")
-    else:
-        from cdface.serving.store.postgres import PostgresStore
-
-        s = PostgresStore(request.getfixturevalue("postgres_url"))
-    yield s
-    s.close()
-
-
-def vec(seed: int, dim: int = 8) -> np.ndarray:
-    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
-    return v / np.linalg.norm(v)
 
 
 def test_identities_crud(store):
