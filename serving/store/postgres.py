@@ -84,6 +84,14 @@ class PostgresStore(SqlStore):
     def _in(self, column: str, values: Sequence[Any]) -> tuple[str, tuple]:
         return f"{column} = ANY(?)", (list(values),)
 
+    def _has_table(self, db: psycopg.Connection, name: str) -> bool:
+        return db.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
+
+    def _migrate_identities(self, db: psycopg.Connection) -> None:
+        db.execute("ALTER TABLE identities ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'")
+        # Version 1's column-level UNIQUE, under PostgreSQL's default name; the per-tenant index replaces it.
+        db.execute("ALTER TABLE identities DROP CONSTRAINT IF EXISTS identities_external_id_key")
+
     def _notify(self, db: psycopg.Connection, seq: int) -> None:
         db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))  # delivered at commit, never before
 

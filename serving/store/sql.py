@@ -45,11 +45,14 @@ from cdface.serving.store.base import (
     utc_now,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# The tables as a new gallery gets them. A gallery made by an older cdface is brought here by
+# ``MIGRATIONS`` (and the dialect's ``_migrate_identities``), in the same transaction.
 SCHEMA = Template("""
 CREATE TABLE IF NOT EXISTS identities (
     id TEXT PRIMARY KEY,
-    external_id TEXT UNIQUE,
+    tenant TEXT NOT NULL DEFAULT 'default',
+    external_id TEXT,
     name TEXT,
     metadata TEXT NOT NULL DEFAULT '{}',
     created TEXT NOT NULL,
@@ -65,10 +68,9 @@ CREATE TABLE IF NOT EXISTS faces (
     created TEXT NOT NULL,
     crop $blob,
     box TEXT,
-    quality TEXT NOT NULL DEFAULT '{}'
+    quality TEXT NOT NULL DEFAULT '{}',
+    last_seen TEXT
 );
-CREATE INDEX IF NOT EXISTS faces_identity ON faces(identity_id);
-CREATE INDEX IF NOT EXISTS faces_model ON faces(model_name, model_version);
 CREATE TABLE IF NOT EXISTS changes (
     seq $serial_key,
     op TEXT NOT NULL,
@@ -82,7 +84,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     name TEXT NOT NULL,
     scopes TEXT NOT NULL,
     created TEXT NOT NULL,
-    revoked TEXT
+    revoked TEXT,
+    tenant TEXT NOT NULL DEFAULT 'default'
 );
 CREATE TABLE IF NOT EXISTS audit_log (
     id $serial_key,
@@ -92,11 +95,27 @@ CREATE TABLE IF NOT EXISTS audit_log (
     identity_id TEXT,
     face_ids TEXT NOT NULL DEFAULT '[]',
     outcome TEXT NOT NULL DEFAULT '{}',
-    request_id TEXT
+    request_id TEXT,
+    tenant TEXT
 );
-CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log(at);
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """)
+# Indexes, made after the tables (new or migrated) have every column they name.
+INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS identities_tenant_external_id ON identities(tenant, external_id);
+CREATE INDEX IF NOT EXISTS faces_identity ON faces(identity_id);
+CREATE INDEX IF NOT EXISTS faces_model ON faces(model_name, model_version);
+CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log(at)
+"""
+# Version 1 -> 2: tenants (identities, keys and audit rows belong to one; external ids are unique
+# per tenant) and a face's last match time (the retention policy). Rows from version 1 belong to
+# the tenant "default". The identities table changes its unique constraint, which each dialect
+# does its own way (``_migrate_identities``).
+MIGRATIONS = {
+    1: ("ALTER TABLE api_keys ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'",
+        "ALTER TABLE faces ADD COLUMN last_seen TEXT",
+        "ALTER TABLE audit_log ADD COLUMN tenant TEXT"),
+}
 
 _IDENTITY = ("SELECT i.id, i.external_id, i.name, i.metadata, i.created, i.updated, "
              "(SELECT COUNT(*) FROM faces f WHERE f.identity_id = i.id) FROM identities i")
@@ -173,6 +192,13 @@ class SqlStore(GalleryStore):
     def _in(self, column: str, values: Sequence[Any]) -> tuple[str, tuple]:
         """(condition, arguments): ``column`` is one of ``values``."""
 
+    @abc.abstractmethod
+    def _has_table(self, db: Any, name: str) -> bool: ...
+
+    @abc.abstractmethod
+    def _migrate_identities(self, db: Any) -> None:
+        """Version 1 -> 2 of ``identities``: add ``tenant`` and make ``external_id`` unique per tenant."""
+
     def _notify(self, db: Any, seq: int) -> None:
         """Tell the processes that follow the change log that ``seq`` commits with this transaction."""
 
@@ -195,18 +221,33 @@ class SqlStore(GalleryStore):
                 yield db
 
     def _create_schema(self) -> None:
-        schema = SCHEMA.substitute(serial_key=self.serial_key, blob=self.blob, int64=self.int64)
-        # One transaction under its own lock: gateways starting together must not race on it.
+        # One transaction under its own lock: gateways starting together must not race on it, and a
+        # migration that fails leaves the gallery as it was.
         with self._transaction("schema") as db:
-            for statement in schema.split(";"):
-                if statement.strip():
-                    self._run(db, statement)
-            row = self._run(db, "SELECT version FROM schema_version").fetchone()
-            if row is None:
+            version = self._schema_version(db)
+            if version is None:
+                self._script(db, SCHEMA.substitute(serial_key=self.serial_key, blob=self.blob, int64=self.int64))
                 self._run(db, "INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] != SCHEMA_VERSION:
-                raise CdfaceError(f"gallery {self.where} has schema version {row[0]}; this cdface reads "
-                                  f"{SCHEMA_VERSION}")
+            elif version in MIGRATIONS:
+                self._migrate_identities(db)
+                self._script(db, ";".join(MIGRATIONS[version]))
+                self._run(db, "UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+            elif version != SCHEMA_VERSION:
+                raise CdfaceError(f"gallery {self.where} has schema version {version}; this cdface reads "
+                                  f"{SCHEMA_VERSION} (and migrates {', '.join(map(str, MIGRATIONS))})")
+            self._script(db, INDEXES)
+
+    def _script(self, db: Any, statements: str) -> None:
+        for statement in statements.split(";"):
+            if statement.strip():
+                self._run(db, statement)
+
+    def _schema_version(self, db: Any) -> int | None:
+        """The gallery's schema version, or None for a database without the gallery's tables."""
+        if not self._has_table(db, "schema_version"):
+            return None
+        row = self._run(db, "SELECT version FROM schema_version").fetchone()
+        return None if row is None else int(row[0])
 
     def _log(self, db: Any, op: str, identity_id: str | None, face_id: int | None = None) -> None:
         seq = self._insert(db, "INSERT INTO changes (op, identity_id, face_id, at) VALUES (?, ?, ?, ?)",

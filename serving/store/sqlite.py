@@ -69,6 +69,33 @@ class SQLiteStore(SqlStore):
     def _in(self, column: str, values: Sequence[Any]) -> tuple[str, tuple]:
         return f"{column} IN ({', '.join('?' * len(values))})", tuple(values)
 
+    def _has_table(self, db: sqlite3.Connection, name: str) -> bool:
+        return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() \
+            is not None
+
+    def _create_schema(self) -> None:
+        # A migration rebuilds ``identities``; with foreign keys on, dropping the old table would delete
+        # every face through ON DELETE CASCADE. The pragma is a no-op inside a transaction, hence here.
+        self._db.execute("PRAGMA foreign_keys=OFF")
+        try:
+            super()._create_schema()
+        finally:
+            self._db.execute("PRAGMA foreign_keys=ON")
+
+    def _migrate_identities(self, db: sqlite3.Connection) -> None:
+        # SQLite cannot drop a column's UNIQUE constraint: rebuild the table (SQLite's documented
+        # twelve-step procedure), keeping every row; faces refer to the table by name, so they follow.
+        db.execute("""CREATE TABLE identities_v2 (id TEXT PRIMARY KEY, tenant TEXT NOT NULL DEFAULT 'default',
+                      external_id TEXT, name TEXT, metadata TEXT NOT NULL DEFAULT '{}', created TEXT NOT NULL,
+                      updated TEXT NOT NULL)""")
+        db.execute("INSERT INTO identities_v2 (id, external_id, name, metadata, created, updated) "
+                   "SELECT id, external_id, name, metadata, created, updated FROM identities")
+        db.execute("DROP TABLE identities")
+        db.execute("ALTER TABLE identities_v2 RENAME TO identities")
+        broken = db.execute("PRAGMA foreign_key_check").fetchall()
+        if broken:  # would mean faces without their identity: refuse rather than commit that
+            raise sqlite3.IntegrityError(f"foreign key check failed after the migration: {broken[:3]}")
+
     def wait_for_change(self, timeout: float) -> bool:
         """Poll the change log (SQLite has no notifications); True as soon as it grew."""
         seen, deadline = self.last_seq(), time.monotonic() + timeout
