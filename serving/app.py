@@ -1,7 +1,9 @@
 """The FastAPI gateway: ``create_app(settings)`` builds it from routers (``cdface.serving.routers``).
 
 Routes stay thin; the work is in ``cdface.serving.usecases``; errors become HTTP answers in
-``cdface.serving.http_errors``.
+``cdface.serving.http_errors``. Middleware, outermost first: request ids (``cdface.serving.request_ids``),
+metrics (``cdface.serving.metrics``), per-request limits and the body limit (``cdface.serving.middleware``),
+CORS when configured.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from cdface.serving.metrics import Metrics
 from cdface.serving.middleware import BodyLimit, RequestLimits
 from cdface.serving.openapi import openapi_builder
 from cdface.serving.rate_limits import RateLimiter
+from cdface.serving.request_ids import RequestIds
 from cdface.serving.routers import identities, inference, operations, ui
 from cdface.serving.service import FaceService
 from cdface.serving.settings import Settings
@@ -43,7 +46,7 @@ def create_app(settings: Settings | None = None, service: FaceService | None = N
         await run_in_threadpool(svc.start)
         decision = decide(svc, None)
         log.info("serving model %s (Triton %r version %d), %d faces indexed in %.2f s; threshold %.3f (%s)",
-                 svc.model_key, settings.model, svc.triton_version, len(svc.gallery.index),
+                 svc.model_key, settings.model, svc.triton_version, svc.gallery.faces_indexed,
                  time.perf_counter() - started, decision.threshold, decision.source)
         try:
             yield
@@ -67,5 +70,7 @@ def create_app(settings: Settings | None = None, service: FaceService | None = N
     app.add_middleware(RequestLimits, deadline_s=settings.request_deadline_s,
                        max_concurrent=settings.max_concurrent_requests, in_flight=app.state.metrics.in_flight)
     app.add_middleware(app.state.metrics.middleware)
+    # Outermost: every response carries X-Request-ID, the other middleware's refusals included.
+    app.add_middleware(RequestIds)
     app.openapi = openapi_builder(app)  # type: ignore[method-assign]
     return app

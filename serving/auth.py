@@ -3,8 +3,16 @@
 A key looks like ``cdf_<id>_<secret>``; the id (public) finds the row, the hash of the whole key is
 compared in constant time. Scopes: ``embed`` (embeddings, detection), ``verify``, ``identify`` (also
 listing the gallery), ``enroll``, ``delete``, ``crops`` (downloading retained face crops: face images
-are personal data, so listing the gallery does not include them) and ``admin`` (which implies every
-other). Clients send ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
+are personal data, so listing the gallery does not include them), ``candidates`` (identify answers
+name the candidates that did not match too; without it an answer holds the matching ones only) and
+``admin`` (which implies every other). Clients send ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
+
+Tenants: every key belongs to exactly one tenant (``create_key(..., tenant=)``, "default" unless
+named; see ``cdface.serving.store.base``), and its scopes, ``admin`` included, act only on that
+tenant's gallery: a key never reads, searches, enrolls into or deletes another tenant's identities.
+With auth off (no keys) every request acts for the tenant "default" (``tenant_of(None)``). The
+bootstrap admin key is the tenant "default"'s; keys of other tenants are made with
+``cdface keys create --tenant``.
 """
 
 from __future__ import annotations
@@ -18,11 +26,11 @@ from typing import Sequence
 from cdface.core.errors import CdfaceError
 from cdface.serving.errors import Conflict, Forbidden, Unauthorized
 from cdface.serving.settings import Settings
-from cdface.serving.store import ApiKey, GalleryStore
+from cdface.serving.store import DEFAULT_TENANT, ApiKey, GalleryStore, check_tenant
 
 log = logging.getLogger("cdface.serving")
 
-SCOPES = ("embed", "verify", "identify", "enroll", "delete", "crops", "admin")
+SCOPES = ("embed", "verify", "identify", "candidates", "enroll", "delete", "crops", "admin")
 PREFIX = "cdf"
 
 
@@ -38,15 +46,22 @@ def _key_id(key: str) -> str | None:
     return parts[1]
 
 
-def create_key(store: GalleryStore, name: str, scopes: Sequence[str], pepper: str | None = None) -> tuple[str, ApiKey]:
-    """Make a key; return (the key, shown only now, and its record)."""
+def create_key(store: GalleryStore, name: str, scopes: Sequence[str], pepper: str | None = None,
+               tenant: str = DEFAULT_TENANT) -> tuple[str, ApiKey]:
+    """Make a key of ``tenant``; return (the key, shown only now, and its record)."""
     bad = [s for s in scopes if s not in SCOPES]
     if bad or not scopes:
         raise CdfaceError(f"scopes must be a non-empty subset of {', '.join(SCOPES)}; got {list(scopes)}")
+    check_tenant(tenant)
     key_id = secrets.token_hex(6)
     key = f"{PREFIX}_{key_id}_{secrets.token_urlsafe(24)}"
-    record = store.add_key(key_id, hash_key(key, pepper), name, list(dict.fromkeys(scopes)))
+    record = store.add_key(key_id, hash_key(key, pepper), name, list(dict.fromkeys(scopes)), tenant)
     return key, record
+
+
+def tenant_of(record: ApiKey | None) -> str:
+    """The tenant a request acts for: its key's, or "default" when the server runs without keys."""
+    return record.tenant if record is not None else DEFAULT_TENANT
 
 
 def verify_key(store: GalleryStore, key: str, pepper: str | None) -> ApiKey | None:

@@ -114,7 +114,8 @@ def serve_command(
 ) -> None:
     """Run the HTTP gateway (settings from CDFACE_SERVE_* variables; options override them).
 
-    Settings, the model repository and the gallery database are checked before the server starts.
+    Settings, the model repository and the gallery database are checked before the server starts. Logs go
+    to stderr, one JSON object per line (CDFACE_SERVE_LOG_FORMAT=text for plain lines).
     """
     settings = _settings(host=host, port=port, db_path=db, create_db=create, model_repository=model_repository,
                          model=model, triton_url=triton_url)
@@ -124,16 +125,22 @@ def serve_command(
 
     from cdface.serving.app import create_app
     from cdface.serving.connections import bounded_protocol
+    from cdface.serving.logs import configure_logging
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print("cdface gateway settings: " + json.dumps(settings.describe(), default=str), file=sys.stderr, flush=True)
-    print(f"cdface gateway: serving {served}", file=sys.stderr, flush=True)
+    configure_logging(settings.log_level, settings.log_format)
+    # What the gateway serves, and with what settings, is logged whatever the log level.
+    start = logging.getLogger("cdface.serving.start")
+    start.setLevel(logging.INFO)
+    start.info("cdface gateway settings: %s", json.dumps(settings.describe(), default=str))
+    start.info("cdface gateway: serving %s", served)
     if not settings.auth:
-        print("cdface: WARNING: API keys are not required (CDFACE_SERVE_AUTH=false)", file=sys.stderr)
+        start.warning("API keys are not required (CDFACE_SERVE_AUTH=false)")
     # Reading a request's head is bounded by the protocol (time and size), its body and the rest of the
     # request by the application's deadline (serving.middleware.RequestLimits), idle connections by
     # the keep-alive timeout.
+    # log_config=None: uvicorn keeps the handlers configure_logging gave it (its own would bypass them).
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                log_config=None,
                 timeout_graceful_shutdown=settings.graceful_timeout_s, server_header=False,
                 http=bounded_protocol(settings.header_timeout_s, settings.max_header_bytes),
                 timeout_keep_alive=settings.keep_alive_s)
@@ -142,6 +149,8 @@ def serve_command(
 @keys_app.command("create")
 def keys_create(
     name: str = typer.Option(..., "--name", help="Who or what the key is for."),
+    tenant: str = typer.Option("default", "--tenant",
+                               help="The tenant whose gallery the key acts on (a-z, 0-9, '_', '-'; at most 63)."),
     scope: list[str] = typer.Option(..., "--scope", help="embed, verify, identify, enroll, delete, admin (repeat)."),
     db: Optional[Path] = _DB,
     database_url: Optional[str] = _URL,
@@ -152,18 +161,18 @@ def keys_create(
     from cdface.serving.service import open_store
 
     settings = _settings(db_path=db, database_url=database_url, create_db=create)
-    key, record = create_key(open_store(settings), name, scope, settings.pepper)
+    key, record = create_key(open_store(settings), name, scope, settings.pepper, tenant)
     print(key)
-    print(f"created key {record.id} ({record.name}) with scopes {', '.join(record.scopes)}; it is not shown again",
-          file=sys.stderr)
+    print(f"created key {record.id} ({record.name}) of tenant {record.tenant} with scopes {', '.join(record.scopes)}; "
+          f"it is not shown again", file=sys.stderr)
 
 
 @keys_app.command("list")
 def keys_list(db: Optional[Path] = _DB, database_url: Optional[str] = _URL) -> None:
-    """List keys (ids, names, scopes; never the secrets)."""
+    """List keys (id, name, scopes, created, state, tenant; never the secrets)."""
     for k in _store(db, database_url).list_keys():
         state = f"revoked {k.revoked}" if k.revoked else "active"
-        print(f"{k.id}\t{k.name}\t{','.join(k.scopes)}\t{k.created}\t{state}")
+        print(f"{k.id}\t{k.name}\t{','.join(k.scopes)}\t{k.created}\t{state}\t{k.tenant}")
 
 
 @keys_app.command("revoke")
@@ -216,6 +225,98 @@ async def _reembed(settings: Settings, batch: int) -> Reembedded:
     finally:
         await embedder.close()
         store.close()
+
+
+@keys_app.command("crop-key")
+def keys_crop_key() -> None:
+    """Make a key that seals retained crops (AES-256): `<key id>:<base64>`, printed once, stored nowhere."""
+    from cdface.serving.crop_cipher import new_key
+
+    print(new_key())
+    print("a new crop key, shown once: put it FIRST in CDFACE_SERVE_CROP_KEYS (comma-separated; keep older keys after "
+          "it until `cdface gallery rotate-crop-key` has re-sealed every crop)", file=sys.stderr)
+
+
+@gallery_app.command("rotate-crop-key")
+def gallery_rotate_crop_key(
+    db: Optional[Path] = _DB,
+    database_url: Optional[str] = _URL,
+    after: int = typer.Option(0, "--after", min=0, help="Start after this face id (resume a run that stopped)."),
+    batch: int = typer.Option(100, "--batch", min=1, max=10_000, help="Crops per transaction."),
+) -> None:
+    """Re-seal every retained crop with the first key of CDFACE_SERVE_CROP_KEYS (key rotation).
+
+    Every key in the list must still be there: crops sealed with an older one are opened with it and
+    sealed again with the first. Each batch is one transaction; a run that stops keeps what it did, and
+    a rerun skips crops already sealed with the first key. Crops stored in the clear by an older cdface
+    are sealed too. Afterwards the old keys can be dropped from the list.
+    """
+    from cdface.serving.crop_cipher import CropKeyError
+
+    store = _store(db, database_url)
+    resealed = current = 0
+    last = after
+    try:
+        for done_up_to, done, same in store.reseal_crops(after, batch):
+            last, resealed, current = done_up_to, resealed + done, current + same
+    except CropKeyError as exc:
+        raise CdfaceError(f"{exc}; crops up to face {last} are re-sealed, rerun (with --after {last}) once the "
+                          "key is in the list") from None
+    finally:
+        store.close()
+    print(json.dumps({"key": store.crop_cipher.primary, "resealed": resealed, "already_current": current,
+                      "last_face": last}))
+
+
+@gallery_app.command("vacuum")
+def gallery_vacuum(db: Optional[Path] = _DB, database_url: Optional[str] = _URL) -> None:
+    """Rewrite the face and identity tables so deleted faces leave the database files (erasure).
+
+    PostgreSQL keeps a deleted row in the table's file until it is vacuumed: this runs VACUUM FULL on
+    faces and identities, which locks each table (ACCESS EXCLUSIVE) while it is copied, so run it in a
+    quiet hour. SQLite erases on delete already (secure_delete and a WAL checkpoint); there this runs
+    VACUUM, which also gives the freed pages back to the file system. Copies outside the database's
+    files (PostgreSQL's WAL archive, backups) are not reached: see docs/data-protection.md.
+    """
+    import time
+
+    store = _store(db, database_url)
+    started = time.monotonic()
+    try:
+        store.vacuum()
+    finally:
+        store.close()
+    print(json.dumps({"vacuumed": store.where, "seconds": round(time.monotonic() - started, 3)}))
+
+
+@gallery_app.command("expire")
+def gallery_expire(
+    not_seen_days: int = typer.Option(..., "--not-seen-days", min=1,
+                                      help="Delete faces no search has matched for this many days."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count what would be deleted; change nothing."),
+    drop_identities: bool = typer.Option(False, "--drop-empty-identities", help="Also delete the identities left "
+                                         "without a face that were not updated in those days either."),
+    db: Optional[Path] = _DB,
+    database_url: Optional[str] = _URL,
+) -> None:
+    """Retention: delete the faces not matched for N days (a face never matched counts from its enrolment).
+
+    A match is an identification whose best candidate matched, or a matching verification against the
+    identity; gateways record it in faces.last_seen (written every CDFACE_SERVE_LAST_SEEN_FLUSH_S).
+    Deletions go through the change log (gateways on PostgreSQL drop the faces from search by
+    themselves; a gateway on a SQLite file must be restarted) and the audit log (action "expire").
+    """
+    import datetime as dt
+
+    from cdface.serving.store import utc_iso
+
+    before = utc_iso(dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=not_seen_days))
+    store = _store(db, database_url)
+    try:
+        faces, identities = store.expire_faces(before, dry_run=dry_run, drop_identities=drop_identities)
+    finally:
+        store.close()
+    print(json.dumps({"not_seen_since": before, "dry_run": dry_run, "faces": faces, "identities": identities}))
 
 
 cli = command_group(help="cdface serving stage.")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -27,11 +28,14 @@ _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
 def _error_bytes(code: str, message: str) -> bytes:
-    """A complete HTTP/1.1 error response in the gateway's JSON form, closing the connection."""
+    """A complete HTTP/1.1 error response in the gateway's JSON form, closing the connection.
+
+    It carries a fresh X-Request-ID like every response (``cdface.serving.request_ids``): the head that
+    would hold the client's own never arrived whole."""
     status = STATUS[code]
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-            % (status, _REASONS[status], len(body))) + body
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nx-request-id: %s\r\n"
+            b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body), uuid.uuid4().hex.encode())) + body
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):

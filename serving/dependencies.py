@@ -57,7 +57,10 @@ _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Ke
 
 def require(scope: str) -> Any:
     """A route dependency: the caller's API key must allow ``scope`` (unless the server runs without keys), and
-    the caller must be within its rate limit for the routes of that scope (``cdface.serving.rate_limits``)."""
+    the caller must be within its rate limit for the routes of that scope (``cdface.serving.rate_limits``).
+
+    The key (None without keys) is the route's to use: its tenant bounds what the route reads and writes
+    (``cdface.serving.auth.tenant_of``; "default" without keys)."""
 
     def check(request: Request, service: ServiceDep, bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
               header: str | None = Depends(_header)) -> ApiKey | None:

@@ -18,6 +18,12 @@ local delete finished.
 
 Only the served model's embeddings are indexed; faces made by another model are counted as
 needing re-enrolment (or ``cdface gallery reembed`` from their retained crops).
+
+Tenants (``cdface.serving.store.base``): each tenant's faces are in an index of their own, made on
+first use, so an identification searches only the caller's tenant and can never rank another
+tenant's face, whatever the scores. Every face is routed to its tenant's index by the tenant the
+store gives with it (load, enrolment, sync), and the owner map (face -> tenant, identity) is
+checked again on every hit.
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from cdface.core.matching import cosine
-from cdface.serving.index import FaceIndex, IndexSpec
-from cdface.serving.store import NO_ACTOR, Actor, Face, GalleryStore, Identity, ModelKey, NewFace
+from cdface.serving.index import FaceIndex, IndexSpec, gpu_available
+from cdface.serving.store import DEFAULT_TENANT, NO_ACTOR, Actor, Face, GalleryStore, Identity, ModelKey, NewFace
 
 log = logging.getLogger("cdface.serving.gallery")
 
@@ -64,13 +70,19 @@ class GalleryStatus:
     loaded_in_s: float
 
 
+Owner = tuple[str, str]
+"""(tenant, identity id) of an indexed face."""
+
+
 class Gallery:
     def __init__(self, store: GalleryStore, model: ModelKey, dim: int, spec: IndexSpec = IndexSpec()) -> None:
         self.store = store
         self.model = model
         self.dim = dim
-        self.index = FaceIndex(dim, spec)
-        self._owner: dict[int, str] = {}  # face id -> identity id, for indexed faces
+        self.spec = spec
+        self.on_gpu = spec.gpu and gpu_available()
+        self._indexes: dict[str, FaceIndex] = {}  # tenant -> the index of its faces, made on first use
+        self._owner: dict[int, Owner] = {}  # face id -> (tenant, identity id), for indexed faces
         self._lock = threading.RLock()  # orders index + owner-map updates
         self._write_lock = threading.Lock()  # orders local writes against sync (see the module docstring)
         self.loaded = False
@@ -84,15 +96,49 @@ class Gallery:
         with self._write_lock:
             # The watermark first: changes committed while loading are replayed by sync (idempotent).
             seq = self.store.last_seq()
-            ids, identities, vectors = self.store.load_embeddings(self.model, self.dim)
+            ids, identities, tenants, vectors = self.store.load_embeddings(self.model, self.dim)
+            rows: dict[str, list[int]] = {tenant: [] for tenant in self._indexes}  # a tenant with none left: emptied
+            for row, tenant in enumerate(tenants):
+                rows.setdefault(tenant, []).append(row)
             with self._lock:
-                self.index.build(ids, vectors)
-                self._owner = dict(zip(ids.tolist(), identities))
+                for tenant, picked in rows.items():
+                    self._index(tenant).build(ids[picked], vectors[picked])
+                self._owner = {face_id: (tenant, identity)
+                               for face_id, identity, tenant in zip(ids.tolist(), identities, tenants)}
             self.applied_seq, self.last_sync = seq, time.monotonic()
         self.load_seconds = time.perf_counter() - started
         self.loaded = True
-        log.info("gallery loaded: %d faces of %s in %.2f s (%s index)", len(ids), self.model, self.load_seconds,
-                 self.index.kind)
+        log.info("gallery loaded: %d faces of %s in %d tenants in %.2f s (%s index)", len(ids), self.model,
+                 len(rows), self.load_seconds, self.index_kind)
+
+    def _index(self, tenant: str) -> FaceIndex:
+        """``tenant``'s index, made empty on first use (call under ``_lock``)."""
+        index = self._indexes.get(tenant)
+        if index is None:
+            index = self._indexes[tenant] = FaceIndex(self.dim, self.spec)
+        return index
+
+    def index_of(self, tenant: str = DEFAULT_TENANT) -> FaceIndex | None:
+        """``tenant``'s index (None while it has had no face)."""
+        with self._lock:
+            return self._indexes.get(tenant)
+
+    @property
+    def faces_indexed(self) -> int:
+        """Faces in the indexes of all tenants together."""
+        with self._lock:
+            return sum(len(index) for index in self._indexes.values())
+
+    def faces_by_tenant(self) -> dict[str, int]:
+        with self._lock:
+            return {tenant: len(index) for tenant, index in sorted(self._indexes.items())}
+
+    @property
+    def index_kind(self) -> str:
+        """The kind of the tenants' indexes ("flat" with none yet; "flat+ivf" when a small tenant's is exact)."""
+        with self._lock:
+            kinds = sorted({index.kind for index in self._indexes.values()})
+        return "+".join(kinds) or "flat"
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -101,8 +147,10 @@ class Gallery:
                actor: Actor = NO_ACTOR) -> list[Face]:
         faces = [NewFace(e, self.model, c, b, q) for e, c, b, q in zip(embeddings, crops, boxes, qualities)]
         with self._write_lock:
-            stored = self.store.add_faces(identity_id, faces, actor)  # one transaction, durable on return
-            self._add([f.id for f in stored], [identity_id] * len(stored), np.asarray(embeddings, np.float32))
+            # One transaction, durable on return; only an identity of the actor's tenant is found.
+            stored = self.store.add_faces(identity_id, faces, actor)
+            self._add([f.id for f in stored], [(actor.tenant, identity_id)] * len(stored),
+                      np.asarray(embeddings, np.float32))
         return stored
 
     def create_identity(self, external_id: str | None, name: str | None, metadata: dict[str, Any],
@@ -112,7 +160,8 @@ class Gallery:
         faces = [NewFace(e, self.model, c, b, q) for e, c, b, q in zip(embeddings, crops, boxes, qualities)]
         with self._write_lock:
             identity, stored = self.store.create_identity_with_faces(external_id, name, metadata, faces, actor)
-            self._add([f.id for f in stored], [identity.id] * len(stored), np.asarray(embeddings, np.float32))
+            self._add([f.id for f in stored], [(actor.tenant, identity.id)] * len(stored),
+                      np.asarray(embeddings, np.float32))
         return identity, stored
 
     def delete_face(self, identity_id: str, face_id: int, actor: Actor = NO_ACTOR) -> None:
@@ -126,14 +175,16 @@ class Gallery:
             self._forget(face_ids)
         return face_ids
 
-    def _add(self, face_ids: Sequence[int], identities: Sequence[str], vectors: np.ndarray) -> None:
+    def _add(self, face_ids: Sequence[int], owners: Sequence[Owner], vectors: np.ndarray) -> None:
         with self._lock:
-            fresh = [i for i, face_id in enumerate(face_ids) if face_id not in self._owner]
-            if not fresh:
-                return
-            self.index.add(np.asarray([face_ids[i] for i in fresh], np.int64), vectors[fresh])
-            for i in fresh:
-                self._owner[face_ids[i]] = identities[i]
+            fresh: dict[str, list[int]] = {}  # tenant -> rows of faces not indexed yet
+            for i, face_id in enumerate(face_ids):
+                if face_id not in self._owner:
+                    fresh.setdefault(owners[i][0], []).append(i)
+            for tenant, rows in fresh.items():
+                self._index(tenant).add(np.asarray([face_ids[i] for i in rows], np.int64), vectors[rows])
+                for i in rows:
+                    self._owner[face_ids[i]] = owners[i]
 
     # -- following the change log (several replicas) --------------------------------------------
 
@@ -156,8 +207,8 @@ class Gallery:
                 if wanted:
                     # Re-read from the store: a face deleted or re-embedded by a later change (not in
                     # this batch yet) is simply absent, and that later change is applied next.
-                    ids, identities, vectors = self.store.embeddings_of(wanted, self.model, self.dim)
-                    self._add(ids.tolist(), identities, vectors)
+                    ids, identities, tenants, vectors = self.store.embeddings_of(wanted, self.model, self.dim)
+                    self._add(ids.tolist(), list(zip(tenants, identities)), vectors)
                 self.applied_seq = changes[-1].seq
                 total += len(changes)
                 if len(changes) < batch:
@@ -173,53 +224,75 @@ class Gallery:
 
     def _forget(self, face_ids: Sequence[int]) -> None:
         with self._lock:
+            gone: dict[str, list[int]] = {}  # tenant -> its faces to remove
             for face_id in face_ids:
-                self._owner.pop(face_id, None)
-            self.index.remove(np.asarray(face_ids, np.int64))
+                owner = self._owner.pop(face_id, None)
+                if owner is not None:  # the owner map and the indexes change together: unknown = not indexed
+                    gone.setdefault(owner[0], []).append(face_id)
+            for tenant, ids in gone.items():
+                self._indexes[tenant].remove(np.asarray(ids, np.int64))
 
     # -- reads ----------------------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray, top_k: int) -> list[list[Candidate]]:
-        """Per query, the ``top_k`` best identities (an identity scores as its best face)."""
+    def search(self, queries: np.ndarray, top_k: int, tenant: str = DEFAULT_TENANT) -> list[list[Candidate]]:
+        """Per query, the ``top_k`` best identities of ``tenant`` (an identity scores as its best face)."""
         queries = np.asarray(queries, np.float32).reshape(-1, self.dim)
+        index = self.index_of(tenant)
+        if index is None:  # the tenant has never had a face here
+            return [[] for _ in queries]
         # Several faces may belong to one identity: look deeper than top_k faces, then group.
         depth = top_k * 4 + 16
-        scores, ids = self.index.search(queries, depth)
+        scores, ids = index.search(queries, depth)
         out = []
         with self._lock:
             owner = self._owner
             for row_scores, row_ids in zip(scores, ids):
                 best: dict[str, Candidate] = {}
                 for score, face_id in zip(row_scores.tolist(), row_ids.tolist()):
-                    identity_id = owner.get(face_id) if face_id >= 0 else None
-                    if identity_id is None:  # padding, or deleted while this search ran
+                    found = owner.get(face_id) if face_id >= 0 else None
+                    if found is None or found[0] != tenant:  # padding, or deleted while this search ran
                         continue
+                    identity_id = found[1]
                     if identity_id not in best:
                         best[identity_id] = Candidate(identity_id, face_id, cosine(score))
                 out.append(sorted(best.values(), key=lambda c: -c.similarity)[:top_k])
         return out
 
-    def identity_embeddings(self, identity_id: str) -> np.ndarray:
-        return self.store.face_embeddings(identity_id, self.model)
+    def identity_embeddings(self, identity_id: str, tenant: str = DEFAULT_TENANT) -> np.ndarray:
+        return self.store.face_embeddings(identity_id, self.model, tenant=tenant)
 
     def status(self) -> GalleryStatus:
+        """The whole gateway's state, all tenants together (an operator's view)."""
         counts = self.store.count_faces_by_model()
         others = {str(k): v for k, v in counts.items() if k != self.model}
-        return GalleryStatus(str(self.model), len(self.index), others, self.index.kind, self.index.on_gpu,
+        return GalleryStatus(str(self.model), self.faces_indexed, others, self.index_kind, self.on_gpu,
                              round(self.load_seconds, 3))
 
     def check(self) -> dict[str, Any]:
-        """Compare the index with the store: the face ids must be the same sets."""
-        store_ids, _, _ = self.store.load_embeddings(self.model, self.dim)
+        """Compare the indexes with the store, tenant by tenant: each tenant's index must hold exactly the
+        store's faces of that tenant, and the owner map exactly the indexed faces."""
+        store_ids, _, store_tenants, _ = self.store.load_embeddings(self.model, self.dim)
         with self._lock:
-            index_ids = self.index.ids()
-            owner_ids = np.sort(np.fromiter(self._owner.keys(), np.int64, len(self._owner)))
-        store_ids = np.sort(store_ids)
-        missing = np.setdiff1d(store_ids, index_ids)
-        extra = np.setdiff1d(index_ids, store_ids)
-        return {"consistent": bool(len(missing) == 0 and len(extra) == 0 and np.array_equal(owner_ids, index_ids)),
-                "store_faces": int(len(store_ids)), "index_faces": int(len(index_ids)),
-                "missing_from_index": missing[:20].tolist(), "extra_in_index": extra[:20].tolist()}
+            indexed = {tenant: index.ids() for tenant, index in self._indexes.items()}
+            owned: dict[str, list[int]] = {}
+            for face_id, (tenant, _) in self._owner.items():
+                owned.setdefault(tenant, []).append(face_id)
+        stored: dict[str, list[int]] = {}
+        for face_id, tenant in zip(store_ids.tolist(), store_tenants):
+            stored.setdefault(tenant, []).append(face_id)
+        missing, extra, owners_match = [], [], True
+        for tenant in sorted(set(stored) | set(indexed) | set(owned)):
+            in_store = np.unique(np.asarray(stored.get(tenant, []), np.int64))
+            in_index = indexed.get(tenant, np.zeros(0, np.int64))
+            missing.append(np.setdiff1d(in_store, in_index))
+            extra.append(np.setdiff1d(in_index, in_store))
+            owners_match &= np.array_equal(np.unique(np.asarray(owned.get(tenant, []), np.int64)), in_index)
+        gone = np.sort(np.concatenate(missing)) if missing else np.zeros(0, np.int64)
+        surplus = np.sort(np.concatenate(extra)) if extra else np.zeros(0, np.int64)
+        index_faces = sum(len(ids) for ids in indexed.values())
+        return {"consistent": bool(len(gone) == 0 and len(surplus) == 0 and owners_match),
+                "store_faces": int(len(store_ids)), "index_faces": int(index_faces),
+                "missing_from_index": gone[:20].tolist(), "extra_in_index": surplus[:20].tolist()}
 
 
 class Follower:

@@ -21,6 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cdface.core.imaging import ImageError
 from cdface.serving.errors import InvalidRequest, ServingError
+from cdface.serving.request_ids import HEADER as REQUEST_ID_HEADER
+from cdface.serving.request_ids import current_request_id
 from cdface.serving.schemas import ErrorResponse
 
 log = logging.getLogger("cdface.serving")
@@ -37,6 +39,8 @@ STATUS = {
     # the gallery
     "unknown_identity": 404, "unknown_face": 404, "unknown_api_key": 404, "no_retained_crop": 404,
     "duplicate_external_id": 409, "duplicate_api_key": 409,
+    # a retained crop this server's crop keys cannot open: its configuration, not the request
+    "crop_key_unknown": 500, "crop_undecryptable": 500,
     # images
     "image_too_large": 413, "detector_unavailable": 503,
     # the model server
@@ -44,9 +48,10 @@ STATUS = {
 }
 UNPROCESSABLE = 422  # every other code: a well-formed request that cannot be served as asked
 
-# The error statuses the OpenAPI document lists for the /v1 routes.
+# The error statuses the OpenAPI document lists for the /v1 routes: every status in ``STATUS`` (408, 431
+# and 504 come from the request limits, 502 from the model server), plus 422.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (401, 403, 404, 409, 413, 415, 422, 429, 503)}
+    status: {"model": ErrorResponse} for status in sorted({*STATUS.values(), UNPROCESSABLE})}
 
 # Errors FastAPI and Starlette raise themselves (unknown route, wrong method, ...): their codes.
 _FRAMEWORK_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -109,5 +114,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette answers this outside every middleware, RequestIds included, which leaves the
+        # request's id set when a request fails (cdface.serving.request_ids): the log line carries it
+        # and so must the answer, for the client to quote.
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "an internal error occurred; it has been logged")
+        request_id = current_request_id()
+        return error_response(500, "internal_error", "an internal error occurred; it has been logged",
+                              {REQUEST_ID_HEADER: request_id} if request_id else None)

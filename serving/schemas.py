@@ -276,7 +276,7 @@ class Readiness(BaseModel):
 
 
 class SyncStatus(BaseModel):
-    """A replica's place in the shared store's change log (PostgreSQL only)."""
+    """A gateway's place in its store's change log."""
 
     applied_seq: int
     store_seq: int

@@ -17,8 +17,9 @@ from cdface.serving.auth import bootstrap_admin_key
 from cdface.serving.faces import Detector
 from cdface.serving.gallery import Follower, Gallery
 from cdface.serving.index import IndexSpec
+from cdface.serving.retention import LastSeen
 from cdface.serving.settings import Settings
-from cdface.serving.store import GalleryStore, ModelKey, SQLiteStore
+from cdface.serving.store import GalleryStore, ModelKey, SQLiteStore, SqlStore
 from cdface.serving.triton import TritonEmbedder
 
 log = logging.getLogger("cdface.serving")
@@ -53,12 +54,21 @@ def open_store(settings: Settings) -> GalleryStore:
     if settings.database_url is not None:
         from cdface.serving.store.postgres import PostgresStore  # psycopg is needed only here
 
-        return PostgresStore(settings.database_url.get_secret_value())
+        return with_crop_keys(PostgresStore(settings.database_url.get_secret_value()), settings)
     path = Path(settings.db_path)
     if not settings.create_db and not path.exists():
         raise CdfaceError(f"gallery database {path} does not exist; pass --create (or set CDFACE_SERVE_CREATE_DB=1) "
                           "to create it")
-    return SQLiteStore(path)  # a file it cannot open is a CdfaceError too (SqlStore)
+    return with_crop_keys(SQLiteStore(path), settings)  # a file it cannot open is a CdfaceError too (SqlStore)
+
+
+def with_crop_keys(store: SqlStore, settings: Settings) -> SqlStore:
+    """``store`` sealing retained crops with ``crop_keys``; without keys it refuses to store a crop at all."""
+    from cdface.serving.crop_cipher import CropCipher
+
+    keys = settings.crop_keys
+    store.use_crop_cipher(CropCipher.from_setting(keys.get_secret_value()) if keys is not None else None)
+    return store
 
 
 def open_embedder(settings: Settings, manifest: ModelManifest, version: int) -> TritonEmbedder:
@@ -83,6 +93,8 @@ class FaceService:
         self.model_key = ModelKey(manifest.name, manifest.version)
         self.triton_version = triton_version
         self.follower: Follower | None = None
+        # Match times for the retention policy, written in the background (never on the request path).
+        self.last_seen = LastSeen(store, settings.last_seen_flush_s, settings.last_seen_max_pending)
 
     @classmethod
     def create(cls, settings: Settings) -> "FaceService":
@@ -93,7 +105,12 @@ class FaceService:
             faiss.omp_set_num_threads(settings.faiss_threads)
         store = open_store(settings)
         bootstrap_admin_key(store, settings)
-        spec = IndexSpec(settings.index_kind, settings.ivf_nlist, settings.ivf_nprobe, settings.faiss_gpu)
+        if settings.retain_crops and settings.crop_keys is None:
+            log.warning("enrolled crops are not retained: no crop key is configured (CDFACE_SERVE_CROP_KEYS); "
+                        "a request asking to retain one is refused (crop_retention_off)")
+        spec = IndexSpec(settings.index_kind, settings.ivf_nlist, settings.ivf_nprobe, settings.faiss_gpu,
+                         hnsw_m=settings.hnsw_m, hnsw_ef_search=settings.hnsw_ef_search, pq_m=settings.pq_m,
+                         pq_rerank=settings.pq_rerank)
         gallery = Gallery(store, ModelKey(manifest.name, manifest.version), manifest.embedding_size, spec)
         yunet = settings.yunet_model
         if yunet is None:
@@ -111,9 +128,11 @@ class FaceService:
             # Other replicas write to the store too: their writes reach this index through the log.
             self.follower = Follower(self.gallery, self.settings.sync_poll_s)
             self.follower.start()
+        self.last_seen.start()
 
     async def close(self) -> None:
         if self.follower is not None:
             await to_thread.run_sync(self.follower.stop)
+        await to_thread.run_sync(self.last_seen.stop)
         await self.embedder.close()
         self.store.close()

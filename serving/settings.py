@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; empty = CORS off.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = Field(default="json", description=(
+        "json: one JSON object per line (time, level, logger, message, request_id inside a request, exception) "
+        "for a log collector; text: one plain line per record, for a terminal (cdface.serving.logs)."))
     graceful_timeout_s: int = Field(default=20, ge=0, description=(
         "On SIGTERM: stop accepting connections, then give requests in flight this long to finish before "
         "they are cut off (uvicorn's timeout_graceful_shutdown). Keep it below Kubernetes' "
@@ -76,6 +79,10 @@ class Settings(BaseSettings):
     far: float = Field(default=1e-3, gt=0, lt=1, description="Target false accept rate for match decisions.")
     threshold: float = Field(default=SFACE_COSINE_THRESHOLD, ge=-1, le=1,
                              description="Cosine threshold used when the manifest has none at the FAR.")
+    threshold_floor: float | None = Field(
+        default=None, ge=-1, le=1, description="The lowest decision threshold a request may get by asking for a "
+        "FAR: a request whose FAR maps below it is refused (threshold_below_floor). Unset: the threshold at the "
+        "server's own FAR, so clients may ask for stricter decisions, never looser ones.")
 
     # Gallery
     db_path: Path = Path("gallery.db")
@@ -85,16 +92,38 @@ class Settings(BaseSettings):
                                "when no notification woke it (LISTEN is the fast path, this the fallback).")
     sync_stale_s: float = Field(default=30.0, gt=0, description="PostgreSQL: not ready when the last successful sync "
                                 "with the change log is older than this.")
-    index_kind: Literal["flat", "ivf"] = "flat"
-    ivf_nlist: int = Field(default=0, ge=0)
-    ivf_nprobe: int = Field(default=64, ge=1)
+    index_kind: Literal["flat", "ivf", "hnsw", "ivfpq"] = Field(default="flat", description=(
+        "flat: exact. ivf: IVF-Flat. hnsw: an HNSW graph. ivfpq: IVF with 4-bit PQ codes, the best candidates "
+        "re-scored exactly. An IVF kind on a gallery too small to train falls back to flat (logged, and "
+        "/v1/status reports the kind in use)."))
+    ivf_nlist: int = Field(default=0, ge=0, description="ivf, ivfpq: lists; 0 = 4 * sqrt(gallery size).")
+    ivf_nprobe: int = Field(default=0, ge=0, description="ivf, ivfpq: lists visited per search; 0 = half of "
+                            "nlist (recall@1 >= 0.99 on benchmarks/identify_scale.py's data).")
+    hnsw_m: int = Field(default=32, ge=4, le=256, description="hnsw: links per node.")
+    hnsw_ef_search: int = Field(default=128, ge=1, description="hnsw: candidates kept per search.")
+    pq_m: int = Field(default=64, ge=1, description="ivfpq: 4-bit sub-quantisers; must divide the embedding size.")
+    pq_rerank: int = Field(default=32, ge=0, description="ivfpq: candidates re-scored exactly from float16 "
+                           "copies of the vectors (about 1 KiB a 512-d face); 0 = codes only (about 40 B a face, "
+                           "approximate scores).")
     faiss_threads: int = Field(default=1, ge=0, description="OpenMP threads per FAISS search (0 = FAISS's default, "
                                "all cores); one per search serves concurrent requests best on small machines.")
     faiss_gpu: bool = False
     create_db: bool = Field(default=False, description="Create the SQLite gallery file db_path when it does not exist "
                             "(otherwise refused: a mistyped path would start an empty gallery without a word).")
-    retain_crops: bool = Field(default=True,
-                               description="Keep each enrolled aligned crop so the gallery can be re-embedded.")
+    retain_crops: bool = Field(default=True, description=(
+        "Keep each enrolled aligned crop, sealed with the first of crop_keys, so the gallery can be re-embedded "
+        "after a model change (a request's retain_crop overrides it). Crops are never stored unsealed: without "
+        "crop_keys none is kept, and a request asking for one is refused (crop_retention_off). false: none is "
+        "kept at all; faces must then be re-enrolled after a model change."))
+    crop_keys: SecretStr | None = Field(default=None, description=(
+        "Keys that seal retained crops (AES-256-GCM): comma-separated <key id>:<base64 32-byte key> "
+        "(`cdface keys crop-key` makes one). The first seals, all open: to rotate, put a new key first, run "
+        "`cdface gallery rotate-crop-key`, then drop the old key."))
+    last_seen_flush_s: float = Field(default=60.0, gt=0, description=(
+        "How often a gateway writes the match times it collected (faces.last_seen, read by `cdface gallery "
+        "expire`) in one transaction; matches since the last write are lost if the process dies."))
+    last_seen_max_pending: int = Field(default=100_000, ge=1, description=(
+        "Matched faces a gateway remembers between two writes of last_seen; a full set is written early."))
 
     # Faces and limits
     yunet_model: Path | None = Field(default=None,
@@ -172,6 +201,17 @@ class Settings(BaseSettings):
         if "://" not in value.get_secret_value() or scheme not in SCHEMES or scheme.startswith("async+"):
             known = ", ".join(f"{s}://" for s in sorted(SCHEMES) if not s.startswith("async+"))
             raise ValueError(f"not a storage URI the limits library knows: use one of {known}")
+        return value
+
+    @field_validator("crop_keys")
+    @classmethod
+    def _crop_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            return None  # set but empty (a Secret with no key yet): no keys
+        if value is not None:
+            from cdface.serving.crop_cipher import parse_keys
+
+            parse_keys(value.get_secret_value())  # its messages name positions and ids, never key material
         return value
 
     @property

@@ -127,14 +127,20 @@ def _inside(faces: np.ndarray, width: int, height: int) -> np.ndarray:
     return faces[keep]
 
 
+# The gate looks at the crop at this side: an aligned face still scores about 0.9 at 64 px (0.89-0.93 on the
+# stock photos, blank and noise crops under 0.06), and YuNet's cost is per pixel and per call.
+GATE_SIDE = 64
+
+
 @dataclass(frozen=True)
 class CropGate:
     """The face-presence and orientation check run on every aligned crop before it is embedded.
 
-    YuNet runs on the 112x112 crop itself (an aligned face fills it and scores about 0.9; a blank or
-    noise crop scores near 0) and on the crop turned 180 degrees. YuNet finds upside-down faces in
-    photos with a high score and places their landmarks as if upright, so an upside-down photo yields
-    an upside-down crop: one that scores clearly higher when turned over.
+    YuNet scores the crop (an aligned face fills it and scores about 0.9; a blank or noise crop scores
+    near 0) and the crop turned 180 degrees, both in one call: the two side by side, at ``GATE_SIDE``.
+    YuNet finds upside-down faces in photos with a high score and places their landmarks as if
+    upright, so an upside-down photo yields an upside-down crop: one that scores clearly higher when
+    turned over (by 0.07 or more on the stock photos; upright faces score higher as they are).
     """
 
     min_score: float = 0.5  # a crop scoring below this holds no face
@@ -142,8 +148,7 @@ class CropGate:
 
     def check(self, detector: Detector, crop: np.ndarray) -> float:
         """The crop's face score; ``ImageError`` (``no_face_in_crop``, ``face_upside_down``) when refused."""
-        score = _best_score(detector, crop)
-        turned = _best_score(detector, np.ascontiguousarray(crop[::-1, ::-1]))
+        score, turned = _upright_and_turned_scores(detector, crop)
         if turned > score + self.upside_down_margin and turned >= self.min_score:
             raise ImageError("face_upside_down", "the face is upside down (turned 180 degrees); send the photo "
                              "upright")
@@ -153,9 +158,14 @@ class CropGate:
         return score
 
 
-def _best_score(detector: Detector, crop: np.ndarray) -> float:
-    faces = detector.detect(crop, min_score=0.01)
-    return float(faces[:, 14].max()) if len(faces) else 0.0
+def _upright_and_turned_scores(detector: Detector, crop: np.ndarray) -> tuple[float, float]:
+    """YuNet's best face score for ``crop`` and for ``crop`` turned 180 degrees, from one detection call."""
+    small = _cv2().resize(crop, (GATE_SIDE, GATE_SIDE), interpolation=_cv2().INTER_AREA)
+    pair = np.concatenate([small, small[::-1, ::-1]], axis=1)
+    faces = detector.detect(pair, min_score=0.01)
+    left = faces[:, 0] + faces[:, 2] / 2 < GATE_SIDE  # a face belongs to the half its box's centre is in
+    return (float(faces[left, 14].max()) if left.any() else 0.0,
+            float(faces[~left, 14].max()) if (~left).any() else 0.0)
 
 
 def extract_faces(rgb: np.ndarray, mode: FaceMode, *, detector: Detector | None,

@@ -73,6 +73,22 @@ def wait_http(url: str, process: subprocess.Popen, what: str, log: Path, timeout
     raise CdfaceError(f"{what} not ready after {timeout_s:.0f} s; see {log}")
 
 
+def crop_keys(work: Path) -> str:
+    """The demo's key that seals retained crops (without one the gateway keeps none): made once into a file
+    only its owner can read, reused by later runs."""
+    path = work / "crop-keys"
+    if not path.exists():
+        from cdface.serving.crop_cipher import new_key
+
+        partial = path.with_name(path.name + ".tmp")
+        partial.unlink(missing_ok=True)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(new_key() + "\n")
+        os.replace(partial, path)  # whole or absent: a half-written key would stop the gateway
+    return path.read_text().strip()
+
+
 def choose_model(requested: Path | None, work: Path) -> tuple[Path, str]:
     if requested is not None:
         if not (requested / "manifest.json").is_file():
@@ -251,7 +267,7 @@ def run_demo(args: argparse.Namespace, stack: Stack) -> dict:
         "triton", "serve", str(repo), "--http-port", str(http), "--grpc-port", str(grpc),
         "--metrics-port", str(metrics)), work / "triton.log")
     wait_http(f"http://127.0.0.1:{http}/v2/health/ready", triton, "tritonserver", work / "triton.log")
-    env = {**os.environ, "CDFACE_SERVE_LOG_LEVEL": "warning"}
+    env = {**os.environ, "CDFACE_SERVE_LOG_LEVEL": "warning", "CDFACE_SERVE_CROP_KEYS": crop_keys(work)}
     gateway = stack.start("gateway", cdface(
         "serve", "--port", str(gateway_port), "--db", str(db), "--model-repository", str(repo),
         "--model", MODEL_NAME, "--triton-url", f"127.0.0.1:{grpc}"), work / "gateway.log", env)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from cdface.serving import schemas as s
+from cdface.serving.auth import allows
 from cdface.serving.dependencies import (
     ParsedBody,
     ServiceDep,
@@ -17,8 +18,9 @@ from cdface.serving.dependencies import (
 )
 from cdface.serving.http_errors import ERROR_RESPONSES
 from cdface.serving.openapi import body_doc
+from cdface.serving.request_ids import actor
 from cdface.serving.routers import responses
-from cdface.serving.store import Actor, ApiKey
+from cdface.serving.store import ApiKey
 from cdface.serving.usecases import recognition
 
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES, tags=["faces"])
@@ -54,7 +56,7 @@ async def verify(service: ServiceDep, key: ApiKey | None = require("verify"),
     target = recognition.VerifyTarget(next(images) if req.other is not None else None, req.other_embedding,
                                       req.identity_id)
     return responses.verification(service, await recognition.verify(service, image, req.embedding, target, req.far,
-                                                                           Actor.of(key)))
+                                                                           actor(key)))
 
 
 @router.post("/identify", response_model=s.IdentifyResponse, operation_id="identify",
@@ -66,5 +68,6 @@ async def identify(service: ServiceDep, key: ApiKey | None = require("identify")
                    ) -> s.IdentifyResponse:
     req = body.request
     image = body.images[0] if body.images else None
-    result = await recognition.identify(service, image, req.embedding, req.top_k, req.far, Actor.of(key))
+    result = await recognition.identify(service, image, req.embedding, req.top_k, req.far, actor(key),
+                                        non_matches=key is None or allows(key, "candidates"))
     return responses.identification(service, result)

@@ -6,7 +6,9 @@ needed only when PostgreSQL is used.
 
 from cdface.serving.errors import Conflict, NotFound
 from cdface.serving.store.base import (
+    DEFAULT_TENANT,
     NO_ACTOR,
+    TENANT_PATTERN,
     Actor,
     ApiKey,
     AuditEntry,
@@ -17,6 +19,7 @@ from cdface.serving.store.base import (
     Identity,
     ModelKey,
     NewFace,
+    check_tenant,
     new_identity_id,
     utc_iso,
     utc_now,
@@ -24,6 +27,6 @@ from cdface.serving.store.base import (
 from cdface.serving.store.sql import SCHEMA_VERSION, SqlStore
 from cdface.serving.store.sqlite import SQLiteStore
 
-__all__ = ["NO_ACTOR", "Actor", "ApiKey", "AuditEntry", "Change", "Conflict", "Embeddings", "Face", "GalleryStore",
-           "Identity", "ModelKey", "NewFace", "NotFound", "SCHEMA_VERSION", "SQLiteStore", "SqlStore",
-           "new_identity_id", "utc_iso", "utc_now"]
+__all__ = ["DEFAULT_TENANT", "NO_ACTOR", "TENANT_PATTERN", "Actor", "ApiKey", "AuditEntry", "Change", "Conflict",
+           "Embeddings", "Face", "GalleryStore", "Identity", "ModelKey", "NewFace", "NotFound", "SCHEMA_VERSION",
+           "SQLiteStore", "SqlStore", "check_tenant", "new_identity_id", "utc_iso", "utc_now"]

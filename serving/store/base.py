@@ -9,20 +9,31 @@ The change log (a strictly increasing ``seq``) is the change feed: gateways shar
 (``shared``) follow it to keep their in-memory indexes in step (``changes_since`` from their
 watermark, ``wait_for_change`` to sleep until there is something to read).
 
-Ids: identities get opaque string ids (``idt_`` + 24 hex digits) plus an optional caller-chosen,
-unique ``external_id``; faces get integer ids that are never reused, which is what the FAISS index
-stores.
+Ids: identities get opaque string ids (``idt_`` + 24 hex digits) plus an optional caller-chosen
+``external_id``, unique within the identity's tenant; faces get integer ids that are never reused,
+which is what the FAISS index stores.
+
+Tenants: every identity, API key and audit row belongs to one tenant, a name matching
+``TENANT_PATTERN`` ("default" when none is given). A tenant's identities are its gallery. The
+methods a request reaches take the tenant (``tenant=`` for reads, ``actor.tenant`` for writes) and
+see only that tenant's rows: another tenant's identity answers exactly like a nonexistent id
+(``unknown_identity``), so ids cannot be probed across tenants. The tenant defaults to "default",
+so a caller that forgets it sees less, never more. What the operator runs over the whole gallery
+(``load_embeddings``, re-embedding, counts) spans every tenant and reports each face's tenant.
 """
 
 from __future__ import annotations
 
 import abc
 import datetime as _dt
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from cdface.serving.errors import InvalidRequest
 
 
 def utc_now() -> str:
@@ -38,6 +49,19 @@ def utc_iso(moment: _dt.datetime) -> str:
 
 def new_identity_id() -> str:
     return "idt_" + uuid.uuid4().hex[:24]
+
+
+DEFAULT_TENANT = "default"
+"""The tenant of every row when none is named: gateways without API keys, and version-1 galleries."""
+TENANT_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+def check_tenant(name: str) -> str:
+    """``name`` when it is a valid tenant name (``TENANT_PATTERN``), else ``InvalidRequest`` (``invalid_tenant``)."""
+    if not isinstance(name, str) or not TENANT_PATTERN.fullmatch(name):
+        raise InvalidRequest(f"a tenant name is 1-63 characters of a-z, 0-9, '_' and '-', starting with a letter or "
+                         f"digit; got {name!r}", code="invalid_tenant")
+    return name
 
 
 @dataclass(frozen=True)
@@ -90,6 +114,7 @@ class ApiKey:
     scopes: tuple[str, ...]
     created: str
     revoked: str | None
+    tenant: str = DEFAULT_TENANT  # the one tenant whose gallery the key acts on, whatever its scopes
 
 
 @dataclass(frozen=True)
@@ -104,14 +129,18 @@ class Change:
 @dataclass(frozen=True)
 class Actor:
     """Who made a request, as the audit log records it: the API key's public id (None when auth is off
-    or for the command line) and the request's id when there is one."""
+    or for the command line), the request's id when there is one, and the tenant it acts for (the
+    key's; "default" without a key). Writes act only on identities of ``tenant``."""
 
     key_id: str | None = None
     request_id: str | None = None
+    tenant: str = DEFAULT_TENANT
 
     @classmethod
-    def of(cls, key: ApiKey | None) -> Actor:
-        return cls(key.id if key is not None else None)
+    def of(cls, key: ApiKey | None, request_id: str | None = None) -> Actor:
+        if key is None:
+            return cls(None, request_id)
+        return cls(key.id, request_id, key.tenant)
 
 
 NO_ACTOR = Actor()
@@ -122,8 +151,9 @@ NO_ACTOR = Actor()
 class AuditEntry:
     """One row of the append-only audit log: who did what to which identity, never an image or an embedding.
 
-    ``action``: create_identity | update_identity | delete_identity | enroll | delete_face | reembed (writes,
-    recorded in the write's own transaction) | identify | verify (searches, recorded after they answer).
+    ``action``: create_identity | update_identity | delete_identity | enroll | delete_face | reembed | expire |
+    rotate_crop_key (writes, recorded in the write's own transaction) | identify | verify (searches, recorded
+    after they answer).
     ``outcome`` holds counts, ids and decisions only (e.g. ``{"faces": 2}``, ``{"match": true}``).
     """
 
@@ -135,21 +165,27 @@ class AuditEntry:
     face_ids: list[int]
     outcome: dict[str, Any]
     request_id: str | None
+    tenant: str | None = None  # the acting key's tenant; None for the operator's gallery-wide writes (reembed)
 
 
-Embeddings = tuple[np.ndarray, list[str], np.ndarray]
-"""(face ids int64 [N], their identity ids, embeddings float32 [N, dim]), in face id order."""
+Embeddings = tuple[np.ndarray, list[str], list[str], np.ndarray]
+"""(face ids int64 [N], their identity ids, their identities' tenants, embeddings float32 [N, dim]), in face id
+order."""
 
 
 class GalleryStore(abc.ABC):
     """What the gateway needs from a store of record. Every write is one transaction and is durable on return.
 
     Missing records raise ``NotFound`` and uniqueness violations ``Conflict`` (``cdface.serving.errors``),
-    each with its code.
+    each with its code. Writes act within ``actor.tenant``: they create identities there and find the
+    identity they change only there (see the module docstring).
     """
 
-    shared: bool = False
-    """True when several processes write to this store: each gateway must then follow the change log."""
+    shared: bool = True
+    """True when other processes may write to this store: each gateway then follows the change log. Every
+    store today: replicas share PostgreSQL, and the command line (``cdface gallery expire``, ``reembed``,
+    ``rotate-crop-key``) writes to a SQLite gallery while its gateway runs, whose index must drop an
+    expired face at once, not at its next restart."""
 
     # -- identities -----------------------------------------------------------------------------
 
@@ -163,12 +199,13 @@ class GalleryStore(abc.ABC):
         """Create the identity and add its faces, all or nothing (one transaction)."""
 
     @abc.abstractmethod
-    def get_identity(self, identity_id: str) -> Identity: ...
+    def get_identity(self, identity_id: str, *, tenant: str = DEFAULT_TENANT) -> Identity:
+        """The identity, if it belongs to ``tenant`` (else ``unknown_identity``, as for an id that does not exist)."""
 
     @abc.abstractmethod
     def list_identities(self, limit: int, after: str | None = None, external_id: str | None = None,
-                        contains: str | None = None) -> list[Identity]:
-        """Identities with an id after ``after``, by id in byte order (the cursor of a paginated list).
+                        contains: str | None = None, *, tenant: str = DEFAULT_TENANT) -> list[Identity]:
+        """``tenant``'s identities with an id after ``after``, by id in byte order (the cursor of a paginated list).
 
         ``external_id``: only the identity with exactly this external id; ``contains``: only those whose
         name or external id contains this text, case-insensitively. Both narrow the same id order, so
@@ -183,8 +220,8 @@ class GalleryStore(abc.ABC):
         """Delete the identity and all its faces; return the deleted face ids."""
 
     @abc.abstractmethod
-    def identities_by_id(self, ids: Sequence[str]) -> dict[str, Identity]:
-        """The identities among ``ids`` that exist."""
+    def identities_by_id(self, ids: Sequence[str], *, tenant: str = DEFAULT_TENANT) -> dict[str, Identity]:
+        """The identities among ``ids`` that exist in ``tenant``."""
 
     # -- faces ----------------------------------------------------------------------------------
 
@@ -193,23 +230,24 @@ class GalleryStore(abc.ABC):
         """Add all the faces or none (one transaction)."""
 
     @abc.abstractmethod
-    def list_faces(self, identity_id: str, limit: int | None = None, after: int | None = None) -> list[Face]:
+    def list_faces(self, identity_id: str, limit: int | None = None, after: int | None = None, *,
+                   tenant: str = DEFAULT_TENANT) -> list[Face]:
         """The identity's faces by id: all of them, or up to ``limit`` with an id above ``after`` (a page)."""
 
     @abc.abstractmethod
-    def face_crop(self, identity_id: str, face_id: int) -> bytes:
+    def face_crop(self, identity_id: str, face_id: int, *, tenant: str = DEFAULT_TENANT) -> bytes:
         """The face's retained aligned crop (PNG); ``NotFound`` when the identity, the face or the crop is absent."""
 
     @abc.abstractmethod
     def delete_face(self, identity_id: str, face_id: int, actor: Actor = NO_ACTOR) -> None: ...
 
     @abc.abstractmethod
-    def face_embeddings(self, identity_id: str, model: ModelKey) -> np.ndarray:
+    def face_embeddings(self, identity_id: str, model: ModelKey, *, tenant: str = DEFAULT_TENANT) -> np.ndarray:
         """float32 [N, D]: the identity's embeddings made by ``model`` (shape (0, 0) when there are none)."""
 
     @abc.abstractmethod
     def load_embeddings(self, model: ModelKey, dim: int) -> Embeddings:
-        """Every face made by ``model``."""
+        """Every face made by ``model``, of every tenant (each face's tenant comes with it)."""
 
     @abc.abstractmethod
     def embeddings_of(self, face_ids: Sequence[int], model: ModelKey, dim: int) -> Embeddings:
@@ -261,10 +299,31 @@ class GalleryStore(abc.ABC):
     def prune_audit(self, before: str) -> int:
         """Delete the rows older than ``before`` (UTC ISO): the retention policy, the log's only deletion."""
 
+    # -- retention and erasure (docs/data-protection.md) -----------------------------------------
+
+    @abc.abstractmethod
+    def reseal_crops(self, after: int = 0, batch: int = 100) -> Iterator[tuple[int, int, int]]:
+        """Seal every retained crop with the first crop key, a batch per transaction; yields (last face id,
+        re-sealed, already current) per batch (``cdface gallery rotate-crop-key``)."""
+
+    @abc.abstractmethod
+    def touch_faces(self, face_ids: Sequence[int], identity_ids: Sequence[str], at: str) -> int:
+        """Set ``last_seen`` to ``at`` (never back) on these faces and on all faces of these identities."""
+
+    @abc.abstractmethod
+    def expire_faces(self, before: str, *, dry_run: bool = False, drop_identities: bool = False,
+                     batch: int = 500) -> tuple[int, int]:
+        """Delete faces not matched since ``before`` (and, asked, identities left empty); (faces, identities)."""
+
+    @abc.abstractmethod
+    def vacuum(self) -> None:
+        """Rewrite the face and identity tables so deleted rows leave the database files."""
+
     # -- API keys (hashes only) -----------------------------------------------------------------
 
     @abc.abstractmethod
-    def add_key(self, key_id: str, key_hash: str, name: str, scopes: Sequence[str]) -> ApiKey: ...
+    def add_key(self, key_id: str, key_hash: str, name: str, scopes: Sequence[str],
+                tenant: str = DEFAULT_TENANT) -> ApiKey: ...
 
     @abc.abstractmethod
     def find_key(self, key_id: str) -> tuple[ApiKey, str] | None:

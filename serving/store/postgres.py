@@ -37,8 +37,6 @@ _LOCKS = {
 
 
 class PostgresStore(SqlStore):
-    shared = True  # several processes write: a gateway must follow the change log
-
     placeholder = "%s"
     serial_key = "BIGSERIAL PRIMARY KEY"
     blob = "BYTEA"
@@ -85,12 +83,25 @@ class PostgresStore(SqlStore):
         return f"{column} = ANY(?)", (list(values),)
 
     def _has_table(self, db: psycopg.Connection, name: str) -> bool:
-        return db.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
+        row = db.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()
+        return bool(row and row[0])
 
     def _migrate_identities(self, db: psycopg.Connection) -> None:
         db.execute("ALTER TABLE identities ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'")
         # Version 1's column-level UNIQUE, under PostgreSQL's default name; the per-tenant index replaces it.
         db.execute("ALTER TABLE identities DROP CONSTRAINT IF EXISTS identities_external_id_key")
+
+    def vacuum(self) -> None:
+        """VACUUM FULL faces and identities (their TOAST tables too): new files without the deleted rows.
+
+        A DELETE leaves the row in the table's file until VACUUM; plain VACUUM only marks the space free.
+        VACUUM FULL holds an ACCESS EXCLUSIVE lock on each table while it copies it: every request that reads
+        or writes that table waits until it is done (seconds for a table of some 100,000 faces).
+        """
+        with self._lock:
+            db = self._connection()  # autocommit: VACUUM cannot run in a transaction
+            for table in ("faces", "identities"):
+                db.execute(f"VACUUM FULL {table}")
 
     def _notify(self, db: psycopg.Connection, seq: int) -> None:
         db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))  # delivered at commit, never before

@@ -14,6 +14,11 @@
 Every write runs in ``_transaction()``: one transaction, durable when it returns; the change-log
 rows of a write commit with it, so the log never shows a change the tables do not hold. So do
 its ``audit_log`` row: an acknowledged write always has one, a rolled-back write never does.
+
+Tenants (``cdface.serving.store.base``): every query a request reaches names the tenant, either in
+``identities.tenant = ?`` or, for faces, through their identity's row; another tenant's identity
+is not found, with the same answer as an id that never existed. Operator queries (embeddings for
+an index, re-embedding, counts) span every tenant.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from typing import Any, ContextManager, Iterator, Sequence
 import numpy as np
 
 from cdface.core.errors import CdfaceError
+from cdface.serving.crop_cipher import CropCipher, CropKeyError, key_id_of
 from cdface.serving.errors import Conflict, InvalidRequest, NotFound
 from cdface.serving.store.base import (
+    DEFAULT_TENANT,
     NO_ACTOR,
     Actor,
     ApiKey,
@@ -120,9 +127,11 @@ MIGRATIONS = {
 _IDENTITY = ("SELECT i.id, i.external_id, i.name, i.metadata, i.created, i.updated, "
              "(SELECT COUNT(*) FROM faces f WHERE f.identity_id = i.id) FROM identities i")
 _FACE = "SELECT id, identity_id, model_name, model_version, dim, created, crop IS NOT NULL, box, quality FROM faces"
-_KEY = "SELECT id, name, scopes, created, revoked FROM api_keys"
+_KEY = "SELECT id, name, scopes, created, revoked, tenant FROM api_keys"
 _UPDATABLE = ("external_id", "name", "metadata")
-_AUDIT = "SELECT id, at, key_id, action, identity_id, face_ids, outcome, request_id FROM audit_log"
+_AUDIT = "SELECT id, at, key_id, action, identity_id, face_ids, outcome, request_id, tenant FROM audit_log"
+# A face's identity is in the tenant (faces have no tenant column: they follow their identity).
+_IN_TENANT = "identity_id IN (SELECT id FROM identities WHERE tenant = ?)"
 
 
 def _identity(row: tuple) -> Identity:
@@ -135,11 +144,12 @@ def _face(row: tuple) -> Face:
 
 
 def _key(row: tuple) -> ApiKey:
-    return ApiKey(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4])
+    return ApiKey(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5])
 
 
 def _audit_entry(row: tuple) -> AuditEntry:
-    return AuditEntry(int(row[0]), row[1], row[2], row[3], row[4], json.loads(row[5]), json.loads(row[6]), row[7])
+    return AuditEntry(int(row[0]), row[1], row[2], row[3], row[4], json.loads(row[5]), json.loads(row[6]), row[7],
+                      row[8])
 
 
 def _vector(embedding: np.ndarray) -> np.ndarray:
@@ -255,16 +265,25 @@ class SqlStore(GalleryStore):
         self._notify(db, seq)
 
     def _audit(self, db: Any, actor: Actor, action: str, identity_id: str | None, face_ids: Sequence[int] = (),
-               outcome: dict[str, Any] | None = None) -> None:
-        """Append an audit row in ``db``'s transaction: ids, counts and decisions only (no names, images, vectors)."""
-        self._run(db, "INSERT INTO audit_log (at, key_id, action, identity_id, face_ids, outcome, request_id) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                  (utc_now(), actor.key_id, action, identity_id, json.dumps([int(f) for f in face_ids]),
-                   json.dumps(outcome or {}), actor.request_id))
+               outcome: dict[str, Any] | None = None, gallery_wide: bool = False) -> None:
+        """Append an audit row in ``db``'s transaction: ids, counts and decisions only (no names, images, vectors).
 
-    def _require_identity(self, db: Any, identity_id: str) -> None:
-        if self._run(db, "SELECT 1 FROM identities WHERE id = ?", (identity_id,)).fetchone() is None:
-            raise NotFound(f"no identity with id {identity_id!r}", code="unknown_identity")
+        ``gallery_wide``: an operator's write over every tenant (re-embedding), recorded without a tenant.
+        """
+        self._run(db, "INSERT INTO audit_log (at, key_id, action, identity_id, face_ids, outcome, request_id, tenant) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                  (utc_now(), actor.key_id, action, identity_id, json.dumps([int(f) for f in face_ids]),
+                   json.dumps(outcome or {}), actor.request_id, None if gallery_wide else actor.tenant))
+
+    def _require_identity(self, db: Any, identity_id: str, tenant: str) -> None:
+        if self._run(db, "SELECT 1 FROM identities WHERE id = ? AND tenant = ?",
+                     (identity_id, tenant)).fetchone() is None:
+            raise self._unknown_identity(identity_id)
+
+    @staticmethod
+    def _unknown_identity(identity_id: str) -> NotFound:
+        # One answer for an id that does not exist and one of another tenant: ids cannot be probed.
+        return NotFound(f"no identity with id {identity_id!r}", code="unknown_identity")
 
     @staticmethod
     def _duplicate_external_id(external_id: Any) -> Conflict:
@@ -281,9 +300,9 @@ class SqlStore(GalleryStore):
         identity_id, now = new_identity_id(), utc_now()
         try:
             with self._transaction() as db:
-                self._run(db, "INSERT INTO identities (id, external_id, name, metadata, created, updated) "
-                              "VALUES (?, ?, ?, ?, ?, ?)",
-                          (identity_id, external_id, name, json.dumps(metadata), now, now))
+                self._run(db, "INSERT INTO identities (id, tenant, external_id, name, metadata, created, updated) "
+                              "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          (identity_id, actor.tenant, external_id, name, json.dumps(metadata), now, now))
                 self._log(db, "identity.create", identity_id)
                 stored = self._insert_faces(db, identity_id, faces)
                 self._audit(db, actor, "create_identity", identity_id, [f.id for f in stored], {"faces": len(stored)})
@@ -291,17 +310,17 @@ class SqlStore(GalleryStore):
             raise self._duplicate_external_id(external_id) from None
         return Identity(identity_id, external_id, name, dict(metadata), now, now, len(stored)), stored
 
-    def get_identity(self, identity_id: str) -> Identity:
-        rows = self._read(_IDENTITY + " WHERE i.id = ?", (identity_id,))
+    def get_identity(self, identity_id: str, *, tenant: str = DEFAULT_TENANT) -> Identity:
+        rows = self._read(_IDENTITY + " WHERE i.id = ? AND i.tenant = ?", (identity_id, tenant))
         if not rows:
-            raise NotFound(f"no identity with id {identity_id!r}", code="unknown_identity")
+            raise self._unknown_identity(identity_id)
         return _identity(rows[0])
 
     def list_identities(self, limit: int, after: str | None = None, external_id: str | None = None,
-                        contains: str | None = None) -> list[Identity]:
+                        contains: str | None = None, *, tenant: str = DEFAULT_TENANT) -> list[Identity]:
         # Byte order on both databases, so a cursor pages the same way whichever store made it.
         by_id = f"i.id{self.byte_order}"
-        conditions, args = [f"{by_id} > ?"], [after or ""]
+        conditions, args = ["i.tenant = ?", f"{by_id} > ?"], [tenant, after or ""]
         if external_id is not None:
             conditions.append("i.external_id = ?")
             args.append(external_id)
@@ -315,12 +334,13 @@ class SqlStore(GalleryStore):
                           (*args, limit))
         return [_identity(r) for r in rows]
 
-    def identities_by_id(self, ids: Sequence[str]) -> dict[str, Identity]:
+    def identities_by_id(self, ids: Sequence[str], *, tenant: str = DEFAULT_TENANT) -> dict[str, Identity]:
         ids = list(dict.fromkeys(ids))
         if not ids:
             return {}
         condition, args = self._in("i.id", ids)
-        return {r[0]: _identity(r) for r in self._read(f"{_IDENTITY} WHERE {condition}", args)}
+        return {r[0]: _identity(r) for r in self._read(f"{_IDENTITY} WHERE {condition} AND i.tenant = ?",
+                                                       (*args, tenant))}
 
     def update_identity(self, identity_id: str, changes: dict[str, Any], actor: Actor = NO_ACTOR) -> Identity:
         unknown = set(changes) - set(_UPDATABLE)
@@ -328,7 +348,7 @@ class SqlStore(GalleryStore):
             raise InvalidRequest(f"cannot update {sorted(unknown)}", code="store_error")
         try:
             with self._transaction() as db:
-                self._require_identity(db, identity_id)
+                self._require_identity(db, identity_id, actor.tenant)
                 for column, value in changes.items():  # column names come from _UPDATABLE only
                     if column == "metadata":
                         value = json.dumps(value)
@@ -339,11 +359,11 @@ class SqlStore(GalleryStore):
                 self._audit(db, actor, "update_identity", identity_id, outcome={"fields": sorted(changes)})
         except self.unique_violation:
             raise self._duplicate_external_id(changes.get("external_id")) from None
-        return self.get_identity(identity_id)
+        return self.get_identity(identity_id, tenant=actor.tenant)
 
     def delete_identity(self, identity_id: str, actor: Actor = NO_ACTOR) -> list[int]:
         with self._transaction() as db:
-            self._require_identity(db, identity_id)
+            self._require_identity(db, identity_id, actor.tenant)
             face_ids = [int(r[0]) for r in self._run(db, "SELECT id FROM faces WHERE identity_id = ? ORDER BY id",
                                                      (identity_id,)).fetchall()]
             self._run(db, "DELETE FROM faces WHERE identity_id = ?", (identity_id,))
@@ -358,7 +378,7 @@ class SqlStore(GalleryStore):
 
     def add_faces(self, identity_id: str, faces: Sequence[NewFace], actor: Actor = NO_ACTOR) -> list[Face]:
         with self._transaction() as db:
-            self._require_identity(db, identity_id)
+            self._require_identity(db, identity_id, actor.tenant)
             out = self._insert_faces(db, identity_id, faces)
             self._audit(db, actor, "enroll", identity_id, [f.id for f in out], {"faces": len(out)})
             self._run(db, "UPDATE identities SET updated = ? WHERE id = ?", (utc_now(), identity_id))
@@ -372,63 +392,69 @@ class SqlStore(GalleryStore):
                 db, "INSERT INTO faces (identity_id, embedding, dim, model_name, model_version, created, crop, "
                     "box, quality) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (identity_id, vector.tobytes(), int(vector.size), face.model.name, face.model.version, now,
-                 face.crop, json.dumps(face.box) if face.box is not None else None, json.dumps(face.quality)),
+                 self._seal_crop(identity_id, face.crop), json.dumps(face.box) if face.box is not None else None,
+                 json.dumps(face.quality)),
                 "id")
             self._log(db, "face.add", identity_id, face_id)
             out.append(Face(face_id, identity_id, face.model, int(vector.size), now, face.crop is not None,
                             face.box, dict(face.quality)))
         return out
 
-    def list_faces(self, identity_id: str, limit: int | None = None, after: int | None = None) -> list[Face]:
-        self.get_identity(identity_id)
+    def list_faces(self, identity_id: str, limit: int | None = None, after: int | None = None, *,
+                   tenant: str = DEFAULT_TENANT) -> list[Face]:
+        self.get_identity(identity_id, tenant=tenant)
         sql, args = _FACE + " WHERE identity_id = ? AND id > ? ORDER BY id", [identity_id, after or 0]
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
         return [_face(r) for r in self._read(sql, tuple(args))]
 
-    def face_crop(self, identity_id: str, face_id: int) -> bytes:
-        rows = self._read("SELECT crop FROM faces WHERE id = ? AND identity_id = ?", (face_id, identity_id))
+    def face_crop(self, identity_id: str, face_id: int, *, tenant: str = DEFAULT_TENANT) -> bytes:
+        rows = self._read(f"SELECT crop FROM faces WHERE id = ? AND identity_id = ? AND {_IN_TENANT}",
+                          (face_id, identity_id, tenant))
         if not rows:
-            self.get_identity(identity_id)  # unknown_identity before unknown_face
+            self.get_identity(identity_id, tenant=tenant)  # unknown_identity before unknown_face
             raise NotFound(f"identity {identity_id!r} has no face {face_id}", code="unknown_face")
         if rows[0][0] is None:
             raise NotFound(f"face {face_id} has no retained crop (enrolled with retain_crop off)",
                            code="no_retained_crop")
-        return bytes(rows[0][0])
+        return self._open_crop(identity_id, face_id, bytes(rows[0][0]))
 
     def delete_face(self, identity_id: str, face_id: int, actor: Actor = NO_ACTOR) -> None:
         with self._transaction() as db:
+            self._require_identity(db, identity_id, actor.tenant)  # unknown_identity before unknown_face
             deleted = self._run(db, "DELETE FROM faces WHERE id = ? AND identity_id = ?", (face_id, identity_id))
             if deleted.rowcount == 0:
                 raise NotFound(f"identity {identity_id!r} has no face {face_id}", code="unknown_face")
             self._log(db, "face.delete", identity_id, face_id)
             self._audit(db, actor, "delete_face", identity_id, [face_id])
 
-    def face_embeddings(self, identity_id: str, model: ModelKey) -> np.ndarray:
-        rows = self._read("SELECT embedding FROM faces WHERE identity_id = ? AND model_name = ? AND model_version = ? "
-                          "ORDER BY id", (identity_id, model.name, model.version))
+    def face_embeddings(self, identity_id: str, model: ModelKey, *, tenant: str = DEFAULT_TENANT) -> np.ndarray:
+        rows = self._read(f"SELECT embedding FROM faces WHERE identity_id = ? AND model_name = ? AND model_version = ? "
+                          f"AND {_IN_TENANT} ORDER BY id", (identity_id, model.name, model.version, tenant))
         if not rows:
             return np.zeros((0, 0), np.float32)
         return np.stack([np.frombuffer(bytes(r[0]), dtype=np.float32) for r in rows])
 
     def _embeddings(self, model: ModelKey, dim: int, face_ids: Sequence[int] | None = None) -> Embeddings:
-        condition, args = "model_name = ? AND model_version = ? AND dim = ?", (model.name, model.version, dim)
+        condition = "f.model_name = ? AND f.model_version = ? AND f.dim = ?"
+        args: tuple = (model.name, model.version, dim)
         if face_ids is not None:
-            among, ids = self._in("id", [int(i) for i in face_ids])
+            among, ids = self._in("f.id", [int(i) for i in face_ids])
             condition, args = f"{among} AND {condition}", ids + args
-        rows = self._read(f"SELECT id, identity_id, embedding FROM faces WHERE {condition} ORDER BY id", args)
+        rows = self._read(f"SELECT f.id, f.identity_id, i.tenant, f.embedding FROM faces f "
+                          f"JOIN identities i ON i.id = f.identity_id WHERE {condition} ORDER BY f.id", args)
         ids_out = np.asarray([r[0] for r in rows], dtype=np.int64)
-        matrix = np.frombuffer(b"".join(bytes(r[2]) for r in rows), dtype=np.float32).reshape(len(rows), dim) \
+        matrix = np.frombuffer(b"".join(bytes(r[3]) for r in rows), dtype=np.float32).reshape(len(rows), dim) \
             if rows else np.zeros((0, dim), np.float32)
-        return ids_out, [r[1] for r in rows], matrix
+        return ids_out, [r[1] for r in rows], [r[2] for r in rows], matrix
 
     def load_embeddings(self, model: ModelKey, dim: int) -> Embeddings:
         return self._embeddings(model, dim)
 
     def embeddings_of(self, face_ids: Sequence[int], model: ModelKey, dim: int) -> Embeddings:
         if not len(face_ids):
-            return np.zeros(0, np.int64), [], np.zeros((0, dim), np.float32)
+            return np.zeros(0, np.int64), [], [], np.zeros((0, dim), np.float32)
         return self._embeddings(model, dim, face_ids)
 
     def count_faces_by_model(self) -> dict[ModelKey, int]:
@@ -439,9 +465,9 @@ class SqlStore(GalleryStore):
         rows = self._read("SELECT id FROM faces WHERE crop IS NOT NULL AND NOT (model_name = ? AND model_version = ?) "
                           "ORDER BY id", (model.name, model.version))
         for (face_id,) in rows:  # one crop at a time: a large gallery's crops never sit in memory together
-            found = self._read("SELECT crop FROM faces WHERE id = ?", (face_id,))
+            found = self._read("SELECT crop, identity_id FROM faces WHERE id = ?", (face_id,))
             if found:
-                yield int(face_id), bytes(found[0][0])
+                yield int(face_id), self._open_crop(found[0][1], int(face_id), bytes(found[0][0]))
 
     def replace_embeddings(self, items: Sequence[tuple[int, np.ndarray]], model: ModelKey,
                            actor: Actor = NO_ACTOR) -> int:
@@ -456,7 +482,7 @@ class SqlStore(GalleryStore):
                     owner = self._run(db, "SELECT identity_id FROM faces WHERE id = ?", (int(face_id),)).fetchone()[0]
                     self._log(db, "face.reembed", owner, int(face_id))
                     done += 1
-            self._audit(db, actor, "reembed", None, outcome={"faces": done, "model": str(model)})
+            self._audit(db, actor, "reembed", None, outcome={"faces": done, "model": str(model)}, gallery_wide=True)
         return done
 
     # -- the change feed ------------------------------------------------------------------------
@@ -493,21 +519,166 @@ class SqlStore(GalleryStore):
         with self._transaction() as db:
             return int(self._run(db, f"DELETE FROM audit_log WHERE at{self.byte_order} < ?", (before,)).rowcount)
 
+    # -- retention and erasure ------------------------------------------------------------------
+    # Sealed crops (cdface.serving.crop_cipher), last-match times, expiry, and what erasure needs
+    # beyond DELETE (``_after_erase``, ``vacuum``). See docs/data-protection.md.
+
+    crop_cipher: CropCipher | None = None
+    sealed_crops_only = False  # set by use_crop_cipher: no crop is ever stored in the clear
+
+    def use_crop_cipher(self, cipher: CropCipher | None) -> None:
+        """Seal retained crops with ``cipher`` from now on; with None, refuse to store any crop.
+
+        A store built without this call (tests, tools) keeps crops as given; the gateway and the
+        command line always make it (``open_store``), so they never write a crop unsealed.
+        """
+        self.crop_cipher, self.sealed_crops_only = cipher, True
+
+    def _seal_crop(self, identity_id: str, crop: bytes | None) -> bytes | None:
+        if crop is None:
+            return None
+        if self.crop_cipher is not None:
+            return self.crop_cipher.seal(crop, identity_id)
+        if self.sealed_crops_only:
+            raise InvalidRequest("crops are not retained: no crop key is configured (CDFACE_SERVE_CROP_KEYS)",
+                                 code="crop_retention_off")
+        return crop
+
+    def _open_crop(self, identity_id: str, face_id: int, blob: bytes) -> bytes:
+        what = f"the crop of face {face_id}"
+        if self.crop_cipher is None:
+            if key_id_of(blob) is None:
+                return blob  # kept in the clear by a cdface from before sealing (rotate-crop-key seals it)
+            raise CropKeyError(f"{what} is sealed and no crop key is configured (CDFACE_SERVE_CROP_KEYS)")
+        return self.crop_cipher.open(blob, identity_id, what)
+
+    def reseal_crops(self, after: int = 0, batch: int = 100) -> Iterator[tuple[int, int, int]]:
+        """Seal every retained crop with the first crop key, ``batch`` faces per transaction, from face id ``after`` on.
+
+        Yields (last face id done, crops re-sealed, crops already current) per committed batch: a run
+        that stops (an unknown key, a crash) keeps what it committed, and a rerun skips crops sealed
+        with the first key already. Crops stored in the clear by an older cdface are sealed too.
+        """
+        cipher = self.crop_cipher
+        if cipher is None:
+            raise CdfaceError("no crop key is configured: set CDFACE_SERVE_CROP_KEYS (new key first)")
+        cursor, resealed_any = after, False
+        try:
+            while True:
+                with self._transaction() as db:
+                    rows = self._run(db, "SELECT id, identity_id, crop FROM faces WHERE crop IS NOT NULL AND id > ? "
+                                         "ORDER BY id LIMIT ?", (cursor, batch)).fetchall()
+                    resealed = 0
+                    for face_id, identity_id, blob in rows:
+                        blob = bytes(blob)
+                        if cipher.is_current(blob):
+                            continue
+                        crop = self._open_crop(identity_id, int(face_id), blob)
+                        self._run(db, "UPDATE faces SET crop = ? WHERE id = ?",
+                                  (cipher.seal(crop, identity_id), int(face_id)))
+                        resealed += 1
+                    if resealed:
+                        self._audit(db, NO_ACTOR, "rotate_crop_key", None,
+                                    outcome={"crops": resealed, "key": cipher.primary}, gallery_wide=True)
+                if not rows:
+                    return
+                cursor, resealed_any = int(rows[-1][0]), resealed_any or resealed > 0
+                yield cursor, resealed, len(rows) - resealed
+        finally:
+            if resealed_any:
+                self._after_erase()  # the old ciphertexts: out of the WAL as well
+
+    def touch_faces(self, face_ids: Sequence[int], identity_ids: Sequence[str], at: str) -> int:
+        """Record a match at ``at`` (UTC ISO) on these faces and on every face of these identities, in one
+        transaction: ``last_seen``, which never moves back. No change-log or audit row: nothing to index."""
+        newer = f"(last_seen IS NULL OR last_seen{self.byte_order} < ?)"
+        updated = 0
+        with self._transaction() as db:
+            for column, values in (("id", [int(f) for f in face_ids]), ("identity_id", list(identity_ids))):
+                for start in range(0, len(values), 500):  # SQLite bounds the parameters of one statement
+                    among, args = self._in(column, values[start:start + 500])
+                    updated += int(self._run(db, f"UPDATE faces SET last_seen = ? WHERE {among} AND {newer}",
+                                             (at, *args, at)).rowcount)
+        return updated
+
+    def expire_faces(self, before: str, *, dry_run: bool = False, drop_identities: bool = False,
+                     batch: int = 500) -> tuple[int, int]:
+        """Delete the faces not matched since ``before`` (UTC ISO; a face never matched counts from its
+        enrolment), ``batch`` per transaction, each with its change-log rows (gateways following the log
+        drop them) and one audit row ``expire`` per identity. ``drop_identities``: then also delete the
+        identities left without a face and not updated since ``before``. Returns (faces, identities)
+        deleted, or that would be with ``dry_run``."""
+        by = self.byte_order
+        stale = f"COALESCE(f.last_seen, f.created){by} < ?"
+        empty = (f"i.updated{by} < ? AND NOT EXISTS (SELECT 1 FROM faces f WHERE f.identity_id = i.id "
+                 f"AND NOT {stale})")
+        if dry_run:
+            faces = int(self._read(f"SELECT COUNT(*) FROM faces f WHERE {stale}", (before,))[0][0])
+            gone = int(self._read(f"SELECT COUNT(*) FROM identities i WHERE {empty}", (before, before))[0][0]) \
+                if drop_identities else 0
+            return faces, gone
+        faces = gone = 0
+        try:
+            while True:
+                with self._transaction() as db:
+                    rows = self._run(db, f"SELECT f.id, f.identity_id, i.tenant FROM faces f JOIN identities i "
+                                         f"ON i.id = f.identity_id WHERE {stale} ORDER BY f.id LIMIT ?",
+                                     (before, batch)).fetchall()
+                    if rows:
+                        among, args = self._in("id", [int(r[0]) for r in rows])
+                        self._run(db, f"DELETE FROM faces WHERE {among}", args)
+                    owners: dict[tuple[str, str], list[int]] = {}
+                    for face_id, identity_id, tenant in rows:
+                        self._log(db, "face.delete", identity_id, int(face_id))
+                        owners.setdefault((identity_id, tenant), []).append(int(face_id))
+                    for (identity_id, tenant), ids in owners.items():
+                        self._audit(db, Actor(tenant=tenant), "expire", identity_id, ids, {"faces": len(ids)})
+                faces += len(rows)
+                if len(rows) < batch:
+                    break
+            while drop_identities:
+                with self._transaction() as db:
+                    empties = self._run(db, f"SELECT i.id, i.tenant FROM identities i WHERE {empty} ORDER BY i.id "
+                                            f"LIMIT ?", (before, before, batch)).fetchall()
+                    for identity_id, tenant in empties:
+                        self._run(db, "DELETE FROM identities WHERE id = ?", (identity_id,))
+                        self._log(db, "identity.delete", identity_id)
+                        self._audit(db, Actor(tenant=tenant), "expire", identity_id, (),
+                                    {"faces": 0, "identity_deleted": True})
+                gone += len(empties)
+                if len(empties) < batch:
+                    break
+        finally:
+            if faces or gone:
+                self._after_erase()
+        return faces, gone
+
+    def _after_erase(self) -> None:
+        """After rows were deleted or overwritten: push their old bytes out of where the database still
+        keeps them without anyone asking (SQLite: the WAL). PostgreSQL needs ``vacuum``, not run here."""
+
+    @abc.abstractmethod
+    def vacuum(self) -> None:
+        """Rewrite the tables that hold faces and identities so deleted rows leave the database files."""
+
     # -- API keys -------------------------------------------------------------------------------
 
-    def add_key(self, key_id: str, key_hash: str, name: str, scopes: Sequence[str]) -> ApiKey:
+    def add_key(self, key_id: str, key_hash: str, name: str, scopes: Sequence[str],
+                tenant: str = DEFAULT_TENANT) -> ApiKey:
         now = utc_now()
         try:
             with self._transaction() as db:
-                self._run(db, "INSERT INTO api_keys (id, hash, name, scopes, created) VALUES (?, ?, ?, ?, ?)",
-                          (key_id, key_hash, name, json.dumps(list(scopes)), now))
+                self._run(db, "INSERT INTO api_keys (id, hash, name, scopes, created, tenant) "
+                              "VALUES (?, ?, ?, ?, ?, ?)",
+                          (key_id, key_hash, name, json.dumps(list(scopes)), now, tenant))
         except self.unique_violation:
             raise Conflict(f"an API key with id {key_id!r} already exists", code="duplicate_api_key") from None
-        return ApiKey(key_id, name, tuple(scopes), now, None)
+        return ApiKey(key_id, name, tuple(scopes), now, None, tenant)
 
     def find_key(self, key_id: str) -> tuple[ApiKey, str] | None:
-        rows = self._read("SELECT id, name, scopes, created, revoked, hash FROM api_keys WHERE id = ?", (key_id,))
-        return (_key(rows[0][:5]), rows[0][5]) if rows else None
+        rows = self._read("SELECT id, name, scopes, created, revoked, tenant, hash FROM api_keys WHERE id = ?",
+                          (key_id,))
+        return (_key(rows[0][:6]), rows[0][6]) if rows else None
 
     def list_keys(self) -> list[ApiKey]:
         return [_key(r) for r in self._read(_KEY + " ORDER BY created")]

@@ -10,6 +10,7 @@ instead of failing half-way.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import time
@@ -19,6 +20,8 @@ from typing import Any, Iterator, Sequence
 from cdface.serving.store.sql import SqlStore
 
 POLL_S = 0.1  # how often wait_for_change reads the change log
+
+log = logging.getLogger("cdface.serving.store")
 
 
 def _lower(text: str | None) -> str | None:
@@ -50,6 +53,8 @@ class SQLiteStore(SqlStore):
         db.execute("PRAGMA synchronous=FULL")  # acknowledged = on disk, even across power loss
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA busy_timeout=30000")
+        # Deleted rows are overwritten with zeros, in the file and in freed pages: a delete erases.
+        db.execute("PRAGMA secure_delete=ON")
         db.create_function("cdface_lower", 1, _lower, deterministic=True)
         return db
 
@@ -95,6 +100,32 @@ class SQLiteStore(SqlStore):
         broken = db.execute("PRAGMA foreign_key_check").fetchall()
         if broken:  # would mean faces without their identity: refuse rather than commit that
             raise sqlite3.IntegrityError(f"foreign key check failed after the migration: {broken[:3]}")
+
+    # -- erasure --------------------------------------------------------------------------------
+    # secure_delete zeroes a deleted row in the page it leaves, but the WAL still holds the page images
+    # of earlier writes (the enrolment itself) until a checkpoint: after a delete, copy the WAL into
+    # the file and truncate it to zero bytes, after the commit (a checkpoint cannot run inside one).
+
+    def delete_face(self, *args: Any, **kwargs: Any) -> None:
+        super().delete_face(*args, **kwargs)
+        self._after_erase()
+
+    def delete_identity(self, *args: Any, **kwargs: Any) -> list[int]:
+        deleted = super().delete_identity(*args, **kwargs)
+        self._after_erase()
+        return deleted
+
+    def _after_erase(self) -> None:
+        with self._lock:
+            busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        if busy:  # another process held a read transaction past busy_timeout: the next erase retries
+            log.warning("gallery %s: WAL checkpoint after a delete was blocked by a reader; deleted rows may "
+                        "stay in the WAL file until the next checkpoint", self.path)
+
+    def vacuum(self) -> None:
+        with self._lock:
+            self._db.execute("VACUUM")
+        self._after_erase()
 
     def wait_for_change(self, timeout: float) -> bool:
         """Poll the change log (SQLite has no notifications); True as soon as it grew."""

@@ -22,7 +22,8 @@ from anyio import to_thread
 from cdface.core.contract import INPUT_SIZE
 from cdface.core.imaging import ImageError, decode_image
 from cdface.serving.errors import InvalidRequest
-from cdface.serving.faces import CropGate, FaceCrop, FaceMode, extract_faces
+from cdface.serving.faces import CropGate, FaceCrop, FaceMode, extract_timed
+from cdface.serving.metrics import stage
 from cdface.serving.settings import Settings
 from cdface.serving.triton import TritonEmbedder
 
@@ -99,12 +100,14 @@ async def find_faces(service: FaceService, images: Sequence[ImageIn]) -> list[Fo
         out = []
         for i, image in enumerate(images):
             what = f"image {i}"
-            data = _from_base64(image.data, what, settings.max_image_bytes) if isinstance(image.data, str) \
-                else image.data
-            rgb = decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=pixel_budget(settings, image.mode),
-                               what=what, aligned=image.mode == "aligned")
+            with stage("decode"):
+                data = _from_base64(image.data, what, settings.max_image_bytes) if isinstance(image.data, str) \
+                    else image.data
+                rgb = decode_image(data, max_bytes=settings.max_image_bytes,
+                                   max_pixels=pixel_budget(settings, image.mode), what=what,
+                                   aligned=image.mode == "aligned")
             try:
-                crops = extract_faces(rgb, image.mode, detector=service.detector, landmarks=image.landmarks,
+                crops = extract_timed(rgb, image.mode, detector=service.detector, landmarks=image.landmarks,
                                       max_faces=settings.max_faces_per_image, min_face_size=image.min_face_size,
                                       min_score=image.min_score, gate=gate)
             except ImageError as exc:  # say which image of the request has no usable face
@@ -117,7 +120,8 @@ async def find_faces(service: FaceService, images: Sequence[ImageIn]) -> list[Fo
 
 async def embed_crops(embedder: TritonEmbedder, crops: np.ndarray) -> np.ndarray:
     """uint8 [N, 112, 112, 3] -> float32 [N, D], each row of length 1."""
-    vectors = await embedder.embed(crops)
+    with stage("triton"):
+        vectors = await embedder.embed(crops)
     # The contract says L2-normalised; renormalise anyway so cosine == inner product holds exactly.
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 

@@ -64,7 +64,7 @@ class Gauges:
 
 
 def gauges(service: FaceService) -> Gauges:
-    return Gauges(len(service.gallery.index), service.embedder.breaker_open)
+    return Gauges(service.gallery.faces_indexed, service.embedder.breaker_open)
 
 
 @dataclass(frozen=True)

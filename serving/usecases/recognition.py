@@ -11,6 +11,7 @@ picked the manifest's thresholds with.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -18,6 +19,7 @@ from anyio import to_thread
 
 from cdface.core.matching import cosine, is_match
 from cdface.serving.errors import InvalidRequest
+from cdface.serving.metrics import timed
 from cdface.serving.store import NO_ACTOR, Actor, Identity
 from cdface.serving.usecases.images import FoundFace, ImageIn, embed_faces, find_faces
 
@@ -38,7 +40,25 @@ class Decision:
 
 
 def decide(service: FaceService, far: float | None) -> Decision:
-    """The decision for a request asking for ``far`` (None: the server's FAR)."""
+    """The decision for a request asking for ``far`` (None: the server's FAR).
+
+    A client may make decisions stricter, never looser than the server's floor (``threshold_floor``,
+    by default the server's own threshold): a looser FAR is refused, not clamped, so the caller
+    never believes it got a decision it did not get.
+    """
+    decision = _decision_at(service, far)
+    if far is not None:
+        floor = service.settings.threshold_floor
+        if floor is None:
+            floor = _decision_at(service, None).threshold
+        if decision.threshold < floor:
+            raise InvalidRequest(f"FAR {far:g} means a threshold of {decision.threshold:.4f}, below this server's "
+                                 f"floor of {floor:.4f}; ask for a lower FAR or omit 'far'",
+                                 code="threshold_below_floor")
+    return decision
+
+
+def _decision_at(service: FaceService, far: float | None) -> Decision:
     settings, evaluation = service.settings, service.manifest.evaluation
     wanted = settings.far if far is None else far
     if evaluation is not None:
@@ -116,7 +136,9 @@ async def verify(service: FaceService, image: ImageIn | None, embedding: Sequenc
     given = [given_embedding(service, values, name) for values, name in
              ((embedding, "embedding"), (target.other_embedding, "other_embedding")) if values is not None]
     if target.identity_id is not None:
-        await to_thread.run_sync(service.store.get_identity, target.identity_id)  # 404 before any inference
+        # 404 before any inference
+        await to_thread.run_sync(timed("store", partial(service.store.get_identity, tenant=actor.tenant)),
+                                 target.identity_id)
     images = [i for i in (image, target.other) if i is not None]
     found = await find_faces(service, images) if images else []
     faces = [f for f in found if f.image == 0][:1] + [f for f in found if f.image == 1][:1]
@@ -127,14 +149,17 @@ async def verify(service: FaceService, image: ImageIn | None, embedding: Sequenc
         vectors.append(embedded.pop(0) if target.other is not None else given.pop(0))
         similarity = cosine(vectors[0] @ vectors[1])
     else:
-        enrolled = await to_thread.run_sync(service.gallery.identity_embeddings, target.identity_id)
+        enrolled = await to_thread.run_sync(timed("store", service.gallery.identity_embeddings), target.identity_id,
+                                            actor.tenant)
         if enrolled.size == 0:
             raise InvalidRequest(f"identity {target.identity_id!r} has no faces made by the served model "
                                  f"{service.model_key}", code="identity_has_no_faces")
         similarity = cosine((enrolled @ vectors[0]).max())
     verification = Verification(decision, similarity, decision.accepts(similarity), target.identity_id, faces)
+    if verification.match and target.identity_id is not None:
+        service.last_seen.saw(identity_ids=[target.identity_id])  # memory only; written in the background
     # The audit row records the decision only: no similarity, image or embedding.
-    await to_thread.run_sync(service.store.append_audit, actor, "verify", target.identity_id, (),
+    await to_thread.run_sync(timed("store", service.store.append_audit), actor, "verify", target.identity_id, (),
                              {"match": verification.match})
     return verification
 
@@ -161,8 +186,12 @@ class Identification:
 
 
 async def identify(service: FaceService, image: ImageIn | None, embedding: Sequence[float] | None, top_k: int,
-                   far: float | None, actor: Actor = NO_ACTOR) -> Identification:
-    """Per face in ``image`` (or for the given ``embedding``), the ``top_k`` most similar enrolled identities."""
+                   far: float | None, actor: Actor = NO_ACTOR, non_matches: bool = True) -> Identification:
+    """Per face in ``image`` (or for the given ``embedding``), the ``top_k`` most similar enrolled identities.
+
+    ``non_matches`` False (data minimisation: the caller's key lacks the ``candidates`` scope): only the
+    candidates that match are returned; who else merely resembled the face is not disclosed.
+    """
     _one_probe(image, embedding)
     if top_k > service.settings.max_top_k:
         raise InvalidRequest(f"top_k must be at most {service.settings.max_top_k}")
@@ -174,15 +203,19 @@ async def identify(service: FaceService, image: ImageIn | None, embedding: Seque
     else:
         assert embedding is not None
         found, vectors = [None], given_embedding(service, embedding, "embedding")[None]
-    hits = await to_thread.run_sync(service.gallery.search, vectors, top_k)
-    identities = await to_thread.run_sync(service.store.identities_by_id, [c.identity_id for row in hits for c in row])
+    # Only the caller's tenant is searched (its own index), and only its identities are named.
+    hits = await to_thread.run_sync(timed("search", service.gallery.search), vectors, top_k, actor.tenant)
+    identities = await to_thread.run_sync(timed("store", partial(service.store.identities_by_id, tenant=actor.tenant)),
+                                          [c.identity_id for row in hits for c in row])
     faces = []
     for face, row in zip(found, hits):
         candidates = [Candidate(identities[c.identity_id], c.face_id, c.similarity, decision.accepts(c.similarity))
                       for c in row if c.identity_id in identities]  # not those deleted since the search
-        faces.append(IdentifiedFace(face, candidates, candidates[0] if candidates and candidates[0].match else None))
+        shown = candidates if non_matches else [c for c in candidates if c.match]
+        faces.append(IdentifiedFace(face, shown, candidates[0] if candidates and candidates[0].match else None))
+    service.last_seen.saw(face_ids=[face.match.face_id for face in faces if face.match is not None])
     # Per face searched: its best candidate's identity id and whether it matched (ids only, no names).
     top1 = [face.candidates[0].identity.id if face.candidates else None for face in faces]
-    await to_thread.run_sync(service.store.append_audit, actor, "identify", None, (),
+    await to_thread.run_sync(timed("store", service.store.append_audit), actor, "identify", None, (),
                              {"faces": len(faces), "top1": top1, "match": [face.match is not None for face in faces]})
     return Identification(decision, faces)

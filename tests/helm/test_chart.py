@@ -1056,3 +1056,36 @@ def test_postgresql_backup(helm):
     assert not allowed(one(docs, "NetworkPolicy", "-triton"), pod["metadata"]["labels"], 8001)
     done = run_helm(helm, "template", "x", str(CHART), "--set", "database.postgresql.backup.enabled=true")
     assert done.returncode != 0 and "database.mode=postgresql" in done.stderr
+
+
+# ---------- the gateway's request limits, logs and rate-limit counters ----------
+
+def _gateway_env(docs: list[dict]) -> dict[str, dict]:
+    return {e["name"]: e for e in one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_gateway_limits_and_json_logs_by_default(helm):
+    env = _gateway_env(render(helm))
+    assert env["CDFACE_SERVE_REQUEST_DEADLINE_S"]["value"] == "30"
+    assert env["CDFACE_SERVE_MAX_CONCURRENT_REQUESTS"]["value"] == "64"
+    assert env["CDFACE_SERVE_RATE_LIMIT"]["value"] == "600/minute"
+    assert env["CDFACE_SERVE_LOG_FORMAT"]["value"] == "json"
+    assert "CDFACE_SERVE_RATE_LIMIT_STORAGE" not in env  # per-replica memory unless a shared store is named
+
+
+def test_shared_rate_limit_storage_comes_from_a_secret(helm):
+    env = _gateway_env(render(helm, "--set", "gateway.rateLimitStorage.existingSecret=cdface-redis"))
+    assert env["CDFACE_SERVE_RATE_LIMIT_STORAGE"]["valueFrom"]["secretKeyRef"] == {
+        "name": "cdface-redis", "key": "rate-limit-storage"}
+
+
+# ---------- retained crops: sealed with keys from a Secret ----------
+
+def test_crop_keys_come_from_a_secret_and_are_absent_by_default(helm):
+    def env(*args: str) -> dict[str, dict]:
+        pod = one(render(helm, *args), "Deployment", "-gateway")["spec"]["template"]["spec"]
+        return {e["name"]: e for e in pod["containers"][0]["env"]}
+
+    assert "CDFACE_SERVE_CROP_KEYS" not in env()  # no key: the gateway retains no crop
+    assert env("--set", "gateway.cropKeys.existingSecret=cdface-crops")["CDFACE_SERVE_CROP_KEYS"]["valueFrom"] == {
+        "secretKeyRef": {"name": "cdface-crops", "key": "crop-keys"}}

@@ -22,6 +22,8 @@ import pytest
 
 MODEL = "face"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The gateways seal retained crops with this key (without one no crop is kept, and re-embedding has nothing to use).
+CROP_KEYS = "cktest:" + base64.b64encode(os.urandom(32)).decode()
 
 
 @pytest.fixture(scope="session")
@@ -116,7 +118,7 @@ def start_gateway(workdir: Path, triton_url: str, model_repo: Path, *, db: Path 
            "CDFACE_SERVE_MIN_CROP_FACE_SCORE": "0",
            # The session's gateways serve thousands of requests per key (schemathesis, load and kill tests), over
            # the production default of 600/minute; tests/serving/test_rate_limits.py sets its own limits.
-           "CDFACE_SERVE_RATE_LIMIT": "none", **(extra_env or {})}
+           "CDFACE_SERVE_RATE_LIMIT": "none", "CDFACE_SERVE_CROP_KEYS": CROP_KEYS, **(extra_env or {})}
     log = workdir / f"gateway-{port}.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "cdface.serving.cli", "serve", *args], cwd=REPO_ROOT, env=env,

@@ -211,8 +211,9 @@ def test_gateway_writes_and_searches_each_leave_one_row(triton, model_repo, phot
     exported = out.read_text()
     lines = [json.loads(line) for line in exported.splitlines()]
     assert [e["id"] for e in lines] == [e.id for e in log]  # one row per acknowledged write and search
-    assert all(set(e) == {"id", "at", "key_id", "action", "identity_id", "face_ids", "outcome", "request_id"}
-               for e in lines)
+    assert all(set(e) == {"id", "at", "key_id", "action", "identity_id", "face_ids", "outcome", "request_id",
+                          "tenant"} for e in lines)
+    assert {e["tenant"] for e in lines} == {"default"}  # the test keys' tenant
     assert "Obama" not in exported  # names are personal data
     assert obama_b64[:64] not in exported and base64.b64encode(embedding.tobytes())[:32].decode() not in exported
     assert not any(f"{v:.4f}" in exported for v in embedding[:8])  # no embedding value, in any rounding

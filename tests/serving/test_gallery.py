@@ -56,7 +56,7 @@ def test_face_ids_are_never_reused_and_deletes_cascade(store):
     assert again[0].id > faces[-1].id
     deleted = store.delete_identity(a.id)
     assert sorted(deleted) == sorted([faces[0].id, faces[1].id, again[0].id])
-    ids, _, vectors = store.load_embeddings(MODEL, DIM)
+    ids, _, _, vectors = store.load_embeddings(MODEL, DIM)
     assert len(ids) == 0 and vectors.shape == (0, DIM)
 
 
@@ -76,7 +76,7 @@ def test_gallery_search_enroll_delete_and_rebuild(tmp_path, kind):
         gallery.enroll(ident.id, samples, [None] * 10, [None] * 10, [{}] * 10)
         people.append(ident.id)
     gallery.load()  # enough vectors now to train IVF
-    assert gallery.index.kind == kind
+    assert gallery.index_kind == kind
     hits = gallery.search(centres, top_k=3)
     assert [h[0].identity_id for h in hits] == people
     assert all(len(h) == 3 and h[0].similarity >= h[1].similarity for h in hits)
@@ -90,11 +90,11 @@ def test_gallery_search_enroll_delete_and_rebuild(tmp_path, kind):
     # another model's faces are never indexed
     other = Gallery(store, ModelKey("other", 1), DIM, spec)
     other.load()
-    assert len(other.index) == 0 and other.status().faces_other_models == {str(MODEL): 189}
+    assert other.faces_indexed == 0 and other.status().faces_other_models == {str(MODEL): 189}
     # rebuilt from the store equals the live index
     fresh = Gallery(SQLiteStore(tmp_path / "g.db"), MODEL, DIM, spec)
     fresh.load()
-    np.testing.assert_array_equal(fresh.index.ids(), gallery.index.ids())
+    np.testing.assert_array_equal(fresh.index_of().ids(), gallery.index_of().ids())
     assert fresh.check()["consistent"]
 
 

@@ -45,8 +45,8 @@ def test_faces_and_models(store):
     assert [f.id for f in faces] == sorted(f.id for f in faces)
     assert store.list_faces(a.id) == faces
     assert store.get_identity(a.id).face_count == 3
-    ids, owners, matrix = store.load_embeddings(M1, 8)
-    assert ids.tolist() == [faces[0].id, faces[1].id] and owners == [a.id, a.id]
+    ids, owners, tenants, matrix = store.load_embeddings(M1, 8)
+    assert ids.tolist() == [faces[0].id, faces[1].id] and owners == [a.id, a.id] and tenants == ["default"] * 2
     np.testing.assert_array_equal(matrix, np.stack([vec(1), vec(2)]))
     np.testing.assert_array_equal(store.face_embeddings(a.id, M2), vec(3)[None])
     assert store.count_faces_by_model() == {M1: 2, M2: 1}
@@ -177,8 +177,8 @@ def test_cli_keys_and_gallery_take_a_database_url(postgres_url):
 # The change feed every store offers (what replicas follow).
 
 
-def test_only_a_store_several_processes_write_is_shared(store):
-    assert store.shared is (type(store).__name__ == "PostgresStore")
+def test_every_store_is_followed_since_other_processes_write_to_it(store):
+    assert store.shared  # PostgreSQL: replicas; SQLite: the command line (expire, reembed) beside the gateway
 
 
 def test_wait_for_change_wakes_on_a_commit(store):
@@ -196,8 +196,9 @@ def test_wait_for_change_wakes_on_a_commit(store):
 def test_embeddings_of_reads_just_the_faces_asked_for(store):
     a = store.create_identity(None, None, {})
     f1, f2, f3 = store.add_faces(a.id, [NewFace(vec(1), M1), NewFace(vec(2), M2), NewFace(vec(3), M1)])
-    ids, owners, matrix = store.embeddings_of([f3.id, f2.id, f1.id, 10**9], M1, 8)
+    ids, owners, tenants, matrix = store.embeddings_of([f3.id, f2.id, f1.id, 10**9], M1, 8)
     assert ids.tolist() == [f1.id, f3.id] and owners == [a.id, a.id]  # face id order; M2's face and a gone one left out
     np.testing.assert_array_equal(matrix, np.stack([vec(1), vec(3)]))
-    ids, owners, matrix = store.embeddings_of([], M1, 8)
-    assert ids.size == 0 and owners == [] and matrix.shape == (0, 8)
+    assert tenants == ["default", "default"]
+    ids, owners, tenants, matrix = store.embeddings_of([], M1, 8)
+    assert ids.size == 0 and owners == [] and tenants == [] and matrix.shape == (0, 8)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import REPO_ROOT, start_gateway
+from .conftest import CROP_KEYS, REPO_ROOT, start_gateway
 from .test_robustness import _crop
 
 pytestmark = pytest.mark.slow
@@ -42,7 +43,8 @@ def test_faces_of_another_model_are_reported_and_reembedded_from_retained_crops(
         gw.stop()
     done = subprocess.run([sys.executable, "-m", "cdface.serving.cli", "gallery", "reembed", "--db", str(gw.db),
                            "--model-repository", str(model_repo), "--triton-url", triton.grpc_url],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+                          env={**os.environ, "CDFACE_SERVE_CROP_KEYS": CROP_KEYS})  # the crops are sealed
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result == {"model": "sface:1", "reembedded": 2, "need_reenrolment": 1}

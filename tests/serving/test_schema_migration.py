@@ -91,8 +91,8 @@ def test_every_row_survives_the_migration(v1_store):
     identity = v1_store.get_identity("idt_a")
     assert (identity.external_id, identity.name, identity.metadata, identity.face_count) == \
         ("emp-1", "Ada", {"team": "x"}, 2)
-    ids, owners, vectors = v1_store.load_embeddings(MODEL, 8)
-    assert ids.tolist() == [1, 2] and owners == ["idt_a", "idt_a"]
+    ids, owners, tenants, vectors = v1_store.load_embeddings(MODEL, 8)
+    assert ids.tolist() == [1, 2] and owners == ["idt_a", "idt_a"] and tenants == ["default", "default"]
     np.testing.assert_array_equal(vectors, np.stack([vec(1), vec(2)]))
     assert v1_store.face_crop("idt_a", 1) == b"\x89PNG-crop"
     assert [c.op for c in v1_store.changes_since(0)] == ["face.add"]

@@ -245,6 +245,14 @@ priorityClassName: {{ include "cdface.priorityClass.fullname" (dict "ctx" .ctx "
     secretKeyRef:
       name: {{ include "cdface.gateway.secretName" . }}
       key: key-pepper
+{{- with .Values.gateway.cropKeys.existingSecret }}
+# Keys that seal retained crops (docs/data-protection.md); without them no crop is retained.
+- name: CDFACE_SERVE_CROP_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: crop-keys
+{{- end }}
 {{- end }}
 
 {{/* The gateway's own environment: the shared settings plus HTTP and the bootstrap admin key. */}}
@@ -266,6 +274,14 @@ priorityClassName: {{ include "cdface.priorityClass.fullname" (dict "ctx" .ctx "
       name: {{ include "cdface.gateway.secretName" . }}
       key: admin-api-key
       optional: true
+{{- with .Values.gateway.rateLimitStorage.existingSecret }}
+# Shared rate-limit counters (see values.yaml): a URL that may hold a password, hence a Secret.
+- name: CDFACE_SERVE_RATE_LIMIT_STORAGE
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: rate-limit-storage
+{{- end }}
 {{- range $k, $v := .Values.gateway.settings }}
 - name: {{ printf "CDFACE_SERVE_%s" ($k | upper) }}
   {{- /* YAML numbers arrive as floats: write whole ones as integers (20971520, not 2.097152e+07). */}}

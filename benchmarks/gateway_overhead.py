@@ -1,0 +1,217 @@
+"""What the gateway adds to a request at concurrency 1, before and after the hardening of issue 11.
+
+One run starts one real tritonserver (wrapped SFace) and three gateways on it, each on its own
+SQLite gallery holding the same enrolled faces:
+
+- ``before``: the gateway as it was before issue 11 (commit ``--before``, checked out with
+  ``git worktree`` into a temporary directory and installed, without dependencies, into a
+  virtual environment that borrows this one's packages);
+- ``now``: this checkout, production defaults (the face check on every crop, the audit log, rate
+  limits (set high enough never to refuse), deadlines, request ids, stage metrics);
+- ``now-no-gate``: this checkout with the crop face check off, to price the check alone.
+
+Arms, one request at a time: direct Triton gRPC (the baseline), ``/v1/embeddings`` through each
+gateway, and ``/v1/identify`` through ``before`` and ``now``. Each round runs every arm for
+``--requests`` requests, in an order rotated from round to round; the overhead of an arm in a round
+is its p50 minus the direct p50 of the same round. Reported: the median over rounds and the range.
+
+    python -m benchmarks.gateway_overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.gateway_embeddings import _crops
+from benchmarks.results import write_result
+from cdface.core.contract import INPUT_NAME
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _before_checkout(commit: str, tmp: Path) -> tuple[str, Path]:
+    """(python, checkout) running the gateway at ``commit``: a worktree and a venv that borrows our packages."""
+    import site
+    import venv
+
+    checkout, env = tmp / "before-src", tmp / "before-venv"
+    subprocess.run(["git", "worktree", "add", "--detach", str(checkout), commit], cwd=REPO, check=True,
+                   capture_output=True)
+    venv.EnvBuilder(with_pip=True).create(env)
+    python = str(env / "bin" / "python")
+    target = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    # Our site-packages after the venv's own: every dependency from here, cdface from the checkout.
+    # The venv's old setuptools goes, so the build uses ours (the pyproject needs a recent one).
+    Path(target, "zz_borrowed.pth").write_text(site.getsitepackages()[0] + "\n")
+    subprocess.run([python, "-m", "pip", "uninstall", "-q", "-y", "setuptools"], check=True, capture_output=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(checkout)],
+                   check=True, capture_output=True)
+    return python, checkout
+
+
+def _start_gateway(python: str, cwd: Path, tmp: Path, name: str, triton_grpc: str, repo: Path,
+                   extra: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    from cdface.devtools.triton_local import free_port
+
+    port = free_port()
+    env = {**os.environ, "CDFACE_SERVE_PORT": str(port), "CDFACE_SERVE_DB_PATH": str(tmp / f"{name}.db"),
+           "CDFACE_SERVE_CREATE_DB": "1", "CDFACE_SERVE_TRITON_URL": triton_grpc,
+           "CDFACE_SERVE_MODEL_REPOSITORY": str(repo), "CDFACE_SERVE_AUTH": "false",
+           "CDFACE_SERVE_LOG_LEVEL": "warning", **extra}
+    proc = subprocess.Popen([python, "-m", "cdface.serving.cli", "serve"], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"))
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit(f"gateway {name} exited: {(tmp / f'{name}.log').read_text()[-1500:]}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"gateway {name} did not become ready: {(tmp / f'{name}.log').read_text()[-1500:]}")
+
+
+def _measure(urls: dict[str, str], grpc_url: str, rounds: int, requests: int) -> dict[str, list[float]]:
+    """Per arm, its p50 (ms) in each round."""
+    import httpx
+    import tritonclient.grpc as grpc
+    from tritonclient.grpc import InferInput
+
+    from cdface.core import assets
+
+    arrays, encoded = _crops(32)
+    direct = grpc.InferenceServerClient(grpc_url)
+    clients = {name: httpx.Client(base_url=url, timeout=60) for name, url in urls.items()}
+    for client in clients.values():  # the same gallery everywhere: every stock photo's faces, one identity each
+        for i, photo in enumerate(sorted(assets.photos().values())):
+            r = client.post("/v1/identities", json={"name": f"person {i}", "images": [
+                {"data": base64.b64encode(photo.read_bytes()).decode(), "mode": "detect"}]})
+            if r.status_code != 201:
+                raise SystemExit(f"enrolment failed: {r.status_code} {r.text[:300]}")
+
+    def triton_call(i: int) -> None:
+        tensor = InferInput(INPUT_NAME, [1, 112, 112, 3], "UINT8")
+        tensor.set_data_from_numpy(arrays[i % 32: i % 32 + 1])
+        direct.infer("face", [tensor])
+
+    def gateway_call(client, route: str):
+        def call(i: int) -> None:
+            body = {"images": [{"data": encoded[i % 32], "mode": "aligned"}]} if route == "embeddings" else \
+                {"image": {"data": encoded[i % 32], "mode": "aligned"}, "top_k": 3}
+            r = client.post(f"/v1/{route}", json=body)
+            if r.status_code != 200:
+                raise SystemExit(f"{route}: {r.status_code} {r.text[:300]}")
+        return call
+
+    arms = {"direct": triton_call}
+    for name, client in clients.items():
+        arms[f"{name}/embeddings"] = gateway_call(client, "embeddings")
+        if name != "now-no-gate":
+            arms[f"{name}/identify"] = gateway_call(client, "identify")
+    names = list(arms)
+    for name in names:  # warm-up: connections, the detector pool, Triton's instance
+        for i in range(8):
+            arms[name](i)
+    p50s: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            latencies = []
+            for i in range(requests):
+                started = time.perf_counter()
+                arms[name](i)
+                latencies.append((time.perf_counter() - started) * 1000)
+            p50s[name].append(statistics.median(latencies))
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {p50s[n][-1]:.1f}" for n in names), flush=True)
+    for client in clients.values():
+        client.close()
+    return p50s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", default="64d5a02", help="The commit before issue 11.")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--requests", type=int, default=40)
+    args = parser.parse_args()
+
+    from cdface.core import assets
+    from cdface.devtools.triton_local import TritonServer
+    from cdface.export.triton_repo import add_model_version
+    from cdface.export.wrap import wrap_onnx
+
+    with tempfile.TemporaryDirectory(prefix="cdface-overhead-") as tmp_name:
+        tmp = Path(tmp_name)
+        wrap_onnx(assets.sface_onnx(), tmp / "sface", name="sface", version=1, input_layout="NCHW",
+                  channel_order="RGB", mean=0.0, std=1.0, licence=assets.SFACE_LICENCE)
+        add_model_version(tmp / "repo", "face", tmp / "sface", backend="python", max_batch_size=32,
+                          preferred=[8, 32], queue_delay_us=2_000)
+        key = subprocess.run([sys.executable, "-m", "cdface.serving.cli", "gallery", "new-crop-key"],
+                             capture_output=True, text=True, cwd=REPO)
+        crop_keys = {"CDFACE_SERVE_CROP_KEYS": key.stdout.strip()} if key.returncode == 0 else {}
+        # Rate limits stay on, at a rate one client at a time never reaches: their cost is measured.
+        now = {"CDFACE_SERVE_RATE_LIMIT": "1000000/minute", **crop_keys}
+        before_python, before_dir = _before_checkout(args.before, tmp)
+        with TritonServer(tmp / "repo", log_path=tmp / "triton.log") as server:
+            procs = {}
+            try:
+                procs["before"] = _start_gateway(before_python, before_dir, tmp, "before",
+                                                 server.grpc_url, tmp / "repo", {})
+                procs["now"] = _start_gateway(sys.executable, REPO, tmp, "now", server.grpc_url, tmp / "repo", now)
+                procs["now-no-gate"] = _start_gateway(sys.executable, REPO, tmp, "now-no-gate", server.grpc_url,
+                                                      tmp / "repo", {**now, "CDFACE_SERVE_MIN_CROP_FACE_SCORE": "0"})
+                p50s = _measure({name: url for name, (_, url) in procs.items()}, server.grpc_url, args.rounds,
+                                args.requests)
+            finally:
+                for proc, _ in procs.values():
+                    proc.terminate()
+                    proc.wait(timeout=20)
+                subprocess.run(["git", "worktree", "remove", "--force", str(before_dir)], cwd=REPO,
+                               capture_output=True)
+
+    def overhead(arm: str) -> dict:
+        per_round = [a - d for a, d in zip(p50s[arm], p50s["direct"])]
+        return {"median_ms": round(statistics.median(per_round), 3), "min_ms": round(min(per_round), 3),
+                "max_ms": round(max(per_round), 3), "per_round_ms": [round(x, 3) for x in per_round]}
+
+    def added(arm: str, base: str) -> dict:
+        per_round = [a - b for a, b in zip(p50s[arm], p50s[base])]
+        return {"median_ms": round(statistics.median(per_round), 3), "min_ms": round(min(per_round), 3),
+                "max_ms": round(max(per_round), 3)}
+
+    details = {
+        "overhead_vs_direct": {arm: overhead(arm) for arm in p50s if arm != "direct"},
+        "added_by_issue_11": {"embeddings": added("now/embeddings", "before/embeddings"),
+                              "identify": added("now/identify", "before/identify"),
+                              "crop_face_check": added("now/embeddings", "now-no-gate/embeddings")},
+        "p50_ms": {arm: [round(x, 3) for x in v] for arm, v in p50s.items()},
+        "direct_p50_ms_median": round(statistics.median(p50s["direct"]), 3),
+        "rounds": args.rounds, "requests_per_arm_per_round": args.requests, "before_commit": args.before,
+        "model": "wrapped SFace (128-d), Triton Python backend + ONNX Runtime; aligned 112x112 real-face crops",
+    }
+    for arm, o in details["overhead_vs_direct"].items():
+        print(f"{arm:>24}: overhead p50 {o['median_ms']:+.2f} ms [{o['min_ms']:+.2f} .. {o['max_ms']:+.2f}]")
+    for what, a in details["added_by_issue_11"].items():
+        print(f"added ({what}): {a['median_ms']:+.2f} ms [{a['min_ms']:+.2f} .. {a['max_ms']:+.2f}]")
+    now_identify = details["added_by_issue_11"]["identify"]["median_ms"]
+    write_result("gateway_overhead_issue11_identify_c1",
+                 "ms the hardening adds to an /v1/identify request at concurrency 1 (p50, now minus before)",
+                 now_identify, None, "value <= 1.0", details)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Data minimisation: who else resembled a face is disclosed only to keys with the ``candidates`` scope,
+and no request can loosen the decision threshold below the server's floor."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from cdface.core.manifest import Evaluation
+from cdface.serving.errors import InvalidRequest
+from cdface.serving.settings import Settings
+from cdface.serving.usecases.recognition import decide
+
+from .conftest import b64
+
+# A model whose evaluation report has thresholds at four FARs (looser FAR, lower threshold).
+THRESHOLDS = {"1e-2": 0.25, "1e-3": 0.36, "1e-4": 0.45, "1e-5": 0.52}
+
+
+def _service(**settings):
+    """What ``decide`` reads: the settings and the served model's evaluation report."""
+    return SimpleNamespace(settings=Settings(**settings), manifest=SimpleNamespace(
+        evaluation=Evaluation(thresholds=THRESHOLDS)))
+
+
+def test_stricter_fars_are_granted_looser_ones_refused_by_default():
+    service = _service(far=1e-3)
+    assert decide(service, None).threshold == 0.36
+    assert decide(service, 1e-4).threshold == 0.45
+    assert decide(service, 1e-3).threshold == 0.36  # the server's own FAR, asked for explicitly
+    with pytest.raises(InvalidRequest) as refused:
+        decide(service, 1e-2)
+    assert refused.value.code == "threshold_below_floor" and "0.2500" in str(refused.value)
+
+
+def test_the_floor_is_a_setting():
+    assert decide(_service(far=1e-3, threshold_floor=0.2), 1e-2).threshold == 0.25  # an operator allowed it
+    with pytest.raises(InvalidRequest, match="floor of 0.5000"):
+        decide(_service(far=1e-5, threshold_floor=0.5), 1e-4)
+    assert decide(_service(far=1e-5, threshold_floor=0.5), None).threshold == 0.52
+
+
+@pytest.mark.slow
+def test_identify_names_non_matches_only_to_keys_with_the_candidates_scope(gateway, photos):
+    with gateway.client("admin") as admin:
+        for person in ("obama", "biden"):
+            r = admin.post("/v1/identities", json={"name": f"minimisation {person}",
+                                                   "images": [{"data": b64(photos[person])}]})
+            assert r.status_code == 201, r.text
+        probe = {"image": {"data": b64(photos["obama2"])}, "top_k": 5}
+        full = admin.post("/v1/identify", json=probe).json()["faces"][0]
+    with gateway.client("identify") as identify_only:
+        minimal = identify_only.post("/v1/identify", json=probe).json()["faces"][0]
+    assert full["match"] is not None and any(not c["match"] for c in full["candidates"])  # something to withhold
+    assert minimal["candidates"] and all(c["match"] for c in minimal["candidates"])
+    assert minimal["match"] == full["match"]
+    assert [c for c in full["candidates"] if c["match"]] == minimal["candidates"]
