@@ -160,7 +160,7 @@ def main() -> None:
                   channel_order="RGB", mean=0.0, std=1.0, licence=assets.SFACE_LICENCE)
         add_model_version(tmp / "repo", "face", tmp / "sface", backend="python", max_batch_size=32,
                           preferred=[8, 32], queue_delay_us=2_000)
-        key = subprocess.run([sys.executable, "-m", "cdface.serving.cli", "gallery", "new-crop-key"],
+        key = subprocess.run([sys.executable, "-m", "cdface.serving.cli", "keys", "crop-key"],
                              capture_output=True, text=True, cwd=REPO)
         crop_keys = {"CDFACE_SERVE_CROP_KEYS": key.stdout.strip()} if key.returncode == 0 else {}
         # Rate limits stay on, at a rate one client at a time never reaches: their cost is measured.

@@ -91,3 +91,62 @@ class LastSeen:
             self._thread.join(timeout=self.flush_s + 10)
             self._thread = None
         self._flush_logged()
+
+
+class RetentionPolicy:
+    """The retention settings, applied by the gateway itself: every ``interval_s`` (the first time at start)
+    faces not matched for ``face_days`` expire (``GalleryStore.expire_faces``: change log and audit rows,
+    so every gateway drops them) and audit rows older than ``audit_days`` are pruned.
+
+    Every replica runs it: the deletes are idempotent, and on PostgreSQL they queue on the writers' lock,
+    so a second replica finds nothing left to do. ``cdface gallery expire`` and ``cdface audit prune``
+    do the same from the command line.
+    """
+
+    def __init__(self, store: GalleryStore, face_days: int | None, audit_days: int | None,
+                 interval_s: float) -> None:
+        self.store = store
+        self.face_days, self.audit_days, self.interval_s = face_days, audit_days, interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.face_days is not None or self.audit_days is not None
+
+    def apply(self) -> tuple[int, int]:
+        """Apply the policy once; return (faces expired, audit rows pruned)."""
+        import datetime as dt
+
+        from cdface.serving.store import utc_iso
+
+        now = dt.datetime.now(dt.timezone.utc)
+        faces = pruned = 0
+        if self.face_days is not None:
+            faces, _ = self.store.expire_faces(utc_iso(now - dt.timedelta(days=self.face_days)))
+        if self.audit_days is not None:
+            pruned = self.store.prune_audit(utc_iso(now - dt.timedelta(days=self.audit_days)))
+        if faces or pruned:
+            log.info("retention: %d faces not matched for %s days expired, %d audit rows older than %s days pruned",
+                     faces, self.face_days, pruned, self.audit_days)
+        return faces, pruned
+
+    def start(self) -> None:
+        if self.enabled and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cdface-retention", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.apply()
+            except Exception as exc:  # the database is away: the next interval tries again
+                log.warning("applying the retention policy failed (%s); retrying in %.0f s", type(exc).__name__,
+                            self.interval_s)
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None

@@ -17,7 +17,7 @@ from cdface.serving.auth import bootstrap_admin_key
 from cdface.serving.faces import Detector
 from cdface.serving.gallery import Follower, Gallery
 from cdface.serving.index import IndexSpec
-from cdface.serving.retention import LastSeen
+from cdface.serving.retention import LastSeen, RetentionPolicy
 from cdface.serving.settings import Settings
 from cdface.serving.store import GalleryStore, ModelKey, SQLiteStore, SqlStore
 from cdface.serving.triton import TritonEmbedder
@@ -95,6 +95,8 @@ class FaceService:
         self.follower: Follower | None = None
         # Match times for the retention policy, written in the background (never on the request path).
         self.last_seen = LastSeen(store, settings.last_seen_flush_s, settings.last_seen_max_pending)
+        self.retention = RetentionPolicy(store, settings.face_retention_days, settings.audit_retention_days,
+                                         settings.retention_interval_s)
 
     @classmethod
     def create(cls, settings: Settings) -> "FaceService":
@@ -129,10 +131,12 @@ class FaceService:
             self.follower = Follower(self.gallery, self.settings.sync_poll_s)
             self.follower.start()
         self.last_seen.start()
+        self.retention.start()
 
     async def close(self) -> None:
         if self.follower is not None:
             await to_thread.run_sync(self.follower.stop)
+        await to_thread.run_sync(self.retention.stop)
         await to_thread.run_sync(self.last_seen.stop)
         await self.embedder.close()
         self.store.close()

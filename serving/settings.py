@@ -122,6 +122,13 @@ class Settings(BaseSettings):
     last_seen_flush_s: float = Field(default=60.0, gt=0, description=(
         "How often a gateway writes the match times it collected (faces.last_seen, read by `cdface gallery "
         "expire`) in one transaction; matches since the last write are lost if the process dies."))
+    face_retention_days: int | None = Field(default=None, ge=1, description=(
+        "The retention policy: faces not matched for this many days (never matched: since enrolment) expire, "
+        "applied by the gateway every retention_interval_s. Unset: faces are kept until deleted."))
+    audit_retention_days: int | None = Field(default=None, ge=1, description=(
+        "Audit rows older than this many days are pruned every retention_interval_s. Unset: kept."))
+    retention_interval_s: float = Field(default=3600.0, gt=0, description=(
+        "How often the gateway applies face_retention_days and audit_retention_days (first at start)."))
     last_seen_max_pending: int = Field(default=100_000, ge=1, description=(
         "Matched faces a gateway remembers between two writes of last_seen; a full set is written early."))
 

@@ -423,3 +423,50 @@ def test_a_face_expired_from_the_command_line_leaves_the_running_gateways_index(
             assert c.get("/v1/gallery").json()["faces_indexed"] == 0
     finally:
         gw.stop()
+
+
+def test_the_retention_policy_expires_stale_faces_and_prunes_old_audit_rows(store):
+    from cdface.serving.retention import RetentionPolicy
+
+    person = store.create_identity(None, None, {})
+    stale, fresh = store.add_faces(person.id, [NewFace(distinctive(1), M1), NewFace(distinctive(2), M1)])
+    backdate(store, stale.id, days_ago(10))
+    with store._transaction() as db:  # every row so far (create, enroll) as if written 40 days ago
+        store._run(db, "UPDATE audit_log SET at = ?", (days_ago(40),))
+    assert RetentionPolicy(store, None, None, 3600).enabled is False
+    assert RetentionPolicy(store, 7, 30, 3600).apply() == (1, 2)
+    assert [f.id for f in store.list_faces(person.id)] == [fresh.id]
+    assert [e.action for e in store.audit_entries()] == ["expire"]  # the expiry's own row is recent
+    assert RetentionPolicy(store, 7, 30, 3600).apply() == (0, 0)
+
+
+@pytest.mark.slow
+def test_a_gateway_applies_its_retention_policy_by_itself(triton, model_repo, tmp_path):
+    from .test_robustness import _crop
+
+    gw = start_gateway(tmp_path / "gw", triton.grpc_url, model_repo, extra_env={
+        "CDFACE_SERVE_FACE_RETENTION_DAYS": "7", "CDFACE_SERVE_RETENTION_INTERVAL_S": "0.5",
+        "CDFACE_SERVE_LAST_SEEN_FLUSH_S": "3600"})
+    try:
+        with gw.client("admin") as c:
+            person = c.post("/v1/identities", json={"external_id": "kept-then-stale"}).json()["id"]
+            old, new = c.post(f"/v1/identities/{person}/faces", json={
+                "images": [{"data": _crop(s), "mode": "aligned"} for s in (11, 12)]}).json()["faces"]
+            with sqlite3.connect(gw.db) as raw:  # enrolled 30 days ago, never matched since
+                raw.execute("UPDATE faces SET created = ? WHERE id = ?", (days_ago(30), old["id"]))
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                faces = [f["id"] for f in c.get(f"/v1/identities/{person}/faces").json()["items"]]
+                if faces == [new["id"]]:
+                    break
+                time.sleep(0.2)
+            assert faces == [new["id"]]
+            probe = {"image": {"data": _crop(11), "mode": "aligned"}, "top_k": 5}
+            while time.monotonic() < deadline:  # the index follows the store's change log
+                hits = [x["face_id"] for x in c.post("/v1/identify", json=probe).json()["faces"][0]["candidates"]]
+                if old["id"] not in hits:
+                    break
+                time.sleep(0.2)
+            assert old["id"] not in hits
+    finally:
+        gw.stop()
