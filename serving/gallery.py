@@ -261,16 +261,17 @@ class Gallery:
     def identity_embeddings(self, identity_id: str, tenant: str = DEFAULT_TENANT) -> np.ndarray:
         return self.store.face_embeddings(identity_id, self.model, tenant=tenant)
 
-    def status(self) -> GalleryStatus:
-        """The whole gateway's state, all tenants together (an operator's view)."""
-        counts = self.store.count_faces_by_model()
+    def status(self, tenant: str | None = None) -> GalleryStatus:
+        """``tenant``'s gallery (what its admin may see), or every tenant's together (None: the operator's view)."""
+        counts = self.store.count_faces_by_model(tenant)
         others = {str(k): v for k, v in counts.items() if k != self.model}
-        return GalleryStatus(str(self.model), self.faces_indexed, others, self.index_kind, self.on_gpu,
+        indexed = self.faces_indexed if tenant is None else self.faces_by_tenant().get(tenant, 0)
+        return GalleryStatus(str(self.model), indexed, others, self.index_kind, self.on_gpu,
                              round(self.load_seconds, 3))
 
-    def check(self) -> dict[str, Any]:
+    def check(self, only: str | None = None) -> dict[str, Any]:
         """Compare the indexes with the store, tenant by tenant: each tenant's index must hold exactly the
-        store's faces of that tenant, and the owner map exactly the indexed faces."""
+        store's faces of that tenant, and the owner map exactly the indexed faces. ``only``: that tenant alone."""
         store_ids, _, store_tenants, _ = self.store.load_embeddings(self.model, self.dim)
         with self._lock:
             indexed = {tenant: index.ids() for tenant, index in self._indexes.items()}
@@ -281,7 +282,7 @@ class Gallery:
         for face_id, tenant in zip(store_ids.tolist(), store_tenants):
             stored.setdefault(tenant, []).append(face_id)
         missing, extra, owners_match = [], [], True
-        for tenant in sorted(set(stored) | set(indexed) | set(owned)):
+        for tenant in sorted(set(stored) | set(indexed) | set(owned)) if only is None else [only]:
             in_store = np.unique(np.asarray(stored.get(tenant, []), np.int64))
             in_index = indexed.get(tenant, np.zeros(0, np.int64))
             missing.append(np.setdiff1d(in_store, in_index))
@@ -290,8 +291,11 @@ class Gallery:
         gone = np.sort(np.concatenate(missing)) if missing else np.zeros(0, np.int64)
         surplus = np.sort(np.concatenate(extra)) if extra else np.zeros(0, np.int64)
         index_faces = sum(len(ids) for ids in indexed.values())
+        if only is not None:
+            index_faces = len(indexed.get(only, ()))
+        store_faces = len(store_ids) if only is None else len(stored.get(only, ()))
         return {"consistent": bool(len(gone) == 0 and len(surplus) == 0 and owners_match),
-                "store_faces": int(len(store_ids)), "index_faces": int(index_faces),
+                "store_faces": int(store_faces), "index_faces": int(index_faces),
                 "missing_from_index": gone[:20].tolist(), "extra_in_index": surplus[:20].tolist()}
 
 

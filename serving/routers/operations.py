@@ -1,4 +1,5 @@
-"""Routes for operating the gateway (tag "operations"): the gallery's status (``/v1/gallery``, admin scope),
+"""Routes for operating the gateway (tag "operations"): the gallery's status (``/v1/gallery``, admin scope, the
+caller's tenant only),
 and liveness, readiness and metrics, which need no key.
 """
 
@@ -10,9 +11,11 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from cdface.serving import schemas as s
+from cdface.serving.auth import tenant_of
 from cdface.serving.dependencies import MetricsDep, ServiceDep, require
 from cdface.serving.http_errors import ERROR_RESPONSES
 from cdface.serving.routers import responses
+from cdface.serving.store import ApiKey
 from cdface.serving.usecases import operations
 
 router = APIRouter(tags=["operations"])
@@ -20,10 +23,10 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/v1/gallery", response_model=s.GalleryStatusOut, responses=ERROR_RESPONSES,
             operation_id="gallery_status",
-            summary="Gallery status: index size, faces needing re-enrolment, index = store check",
-            dependencies=[require("admin")])
-def gallery_status(service: ServiceDep) -> s.GalleryStatusOut:
-    return responses.gallery_status(operations.gallery_report(service))
+            summary="Gallery status of the caller's tenant: index size, faces needing re-enrolment, index = store "
+                    "check")
+def gallery_status(service: ServiceDep, key: ApiKey | None = require("admin")) -> s.GalleryStatusOut:
+    return responses.gallery_status(operations.gallery_report(service, tenant_of(key)))
 
 
 @router.get("/healthz", response_model=s.Health, operation_id="health", summary="Liveness: the process answers")

@@ -254,7 +254,8 @@ class GalleryStore(abc.ABC):
         """Like ``load_embeddings`` for just these faces (those still present and made by ``model``)."""
 
     @abc.abstractmethod
-    def count_faces_by_model(self) -> dict[ModelKey, int]: ...
+    def count_faces_by_model(self, tenant: str | None = None) -> dict[ModelKey, int]:
+        """Faces per model: of ``tenant``'s identities, or of every tenant (None: the operator's view)."""
 
     @abc.abstractmethod
     def faces_to_reembed(self, model: ModelKey) -> Iterator[tuple[int, bytes]]:

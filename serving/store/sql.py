@@ -457,8 +457,14 @@ class SqlStore(GalleryStore):
             return np.zeros(0, np.int64), [], [], np.zeros((0, dim), np.float32)
         return self._embeddings(model, dim, face_ids)
 
-    def count_faces_by_model(self) -> dict[ModelKey, int]:
-        rows = self._read("SELECT model_name, model_version, COUNT(*) FROM faces GROUP BY model_name, model_version")
+    def count_faces_by_model(self, tenant: str | None = None) -> dict[ModelKey, int]:
+        if tenant is None:
+            rows = self._read("SELECT model_name, model_version, COUNT(*) FROM faces GROUP BY model_name, "
+                              "model_version")
+        else:
+            rows = self._read("SELECT f.model_name, f.model_version, COUNT(*) FROM faces f JOIN identities i ON "
+                              "i.id = f.identity_id WHERE i.tenant = ? GROUP BY f.model_name, f.model_version",
+                              (tenant,))
         return {ModelKey(r[0], int(r[1])): int(r[2]) for r in rows}
 
     def faces_to_reembed(self, model: ModelKey) -> Iterator[tuple[int, bytes]]:

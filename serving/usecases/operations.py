@@ -74,6 +74,7 @@ class GalleryReport:
     store_faces: int
 
 
-def gallery_report(service: FaceService) -> GalleryReport:
-    status, check = service.gallery.status(), service.gallery.check()
+def gallery_report(service: FaceService, tenant: str) -> GalleryReport:
+    """``tenant``'s gallery: an admin sees its own tenant's counts, never the other tenants'."""
+    status, check = service.gallery.status(tenant), service.gallery.check(tenant)
     return GalleryReport(status, check["consistent"], check["store_faces"])

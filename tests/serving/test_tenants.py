@@ -326,3 +326,20 @@ def test_without_keys_everything_is_the_default_tenant(triton, model_repo, tmp_p
         assert [e.tenant for e in store.audit_entries()] == ["default"]
     finally:
         store.close()
+
+
+def test_gallery_status_counts_the_callers_tenant_only(tenants_gateway, b_obama, photos):
+    gw = tenants_gateway
+
+    def status(key: str) -> dict:
+        with gw.client(key) as c:
+            return c.get("/v1/gallery").json()
+
+    a_before, b_before = status("a"), status("b")
+    with gw.client("b") as c:
+        r = c.post("/v1/identities", json={"name": "status probe", "images": [{"data": b64(photos["obama3"])}]})
+        assert r.status_code == 201, r.text
+    a_after, b_after = status("a"), status("b")
+    assert b_after["faces_indexed"] == b_before["faces_indexed"] + 1 and b_after["store_faces"] == b_after[
+        "faces_indexed"] and b_after["consistent"]
+    assert (a_after["faces_indexed"], a_after["store_faces"]) == (a_before["faces_indexed"], a_before["store_faces"])
