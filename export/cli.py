@@ -1,4 +1,4 @@
-"""``cdface export``: ONNX from a checkpoint, wrapping third-party ONNX models, TensorRT engines.
+"""``cdface export``: ONNX from a checkpoint, gated INT8 variants, third-party ONNX wraps, TensorRT engines.
 
 Heavy imports (torch, onnx, TensorRT) happen inside the commands so ``cdface --help`` stays fast.
 """
@@ -121,6 +121,47 @@ def wrap_sface_command(
     # graph); OpenCV's FaceRecognizerSF feeds it blobFromImage(BGR crop, swapRB=true).
     _report(wrap_onnx(assets.sface_onnx(), out, name=name, version=version, input_layout="NCHW", channel_order="RGB",
                       mean=0.0, std=1.0, licence=assets.SFACE_LICENCE, backbone="sface", url=assets.SFACE_URL))
+
+
+class QuantMode(str, Enum):
+    static = "static"
+    dynamic = "dynamic"
+
+
+@app.command("quantize")
+def quantize_command(
+    export_dir: Path = typer.Argument(..., help="Exported fp32 model directory (model.onnx + manifest.json)."),
+    out: Path = typer.Option(..., "--out", help="Directory to write the INT8 model.onnx and manifest.json into."),
+    val_bin: Path = typer.Option(..., "--val-bin", help="Verification .bin the accuracy gate runs on "
+                                                         "(e.g. the synthetic val.bin, or lfw.bin)."),
+    calib_dir: Optional[Path] = typer.Option(None, "--calib-dir", help="Aligned 112x112 crops for calibration "
+                                                                        "(static mode; not the --val-bin images)."),
+    calib_limit: int = typer.Option(512, "--calib-limit", help="Use at most this many calibration crops."),
+    mode: QuantMode = typer.Option(QuantMode.static, "--mode", help="static (calibrated, fast QLinearConv) or "
+                                                                    "dynamic (no calibration; slow on CPU)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name (default: the fp32 model's name + '-int8')."),
+    version: Optional[int] = typer.Option(None, "--version", help="Model version (default: the fp32 model's)."),
+    max_accuracy_drop: float = typer.Option(0.001, "--max-accuracy-drop",
+                                            help="Refuse when accuracy falls by more (0.001 = 0.1 point)."),
+    min_cosine: float = typer.Option(0.99, "--min-cosine", help="Refuse when the mean cosine to the fp32 "
+                                                                "embeddings is lower."),
+) -> None:
+    """INT8 variant of an exported model, written only if it verifies within the bounds of the fp32 model."""
+    from cdface.export.quantize import quantize_export
+    from cdface.export.tensorrt import read_calibration_images
+
+    calibration = None
+    if mode is QuantMode.static:
+        if calib_dir is None:
+            raise CdfaceError("--mode static needs --calib-dir (aligned crops to set activation ranges)")
+        if not calib_dir.is_dir():
+            raise CdfaceError(f"calibration directory not found: {calib_dir}")
+        calibration = read_calibration_images(calib_dir, limit=calib_limit)
+    result, report = quantize_export(export_dir, out, val_bin=val_bin, calibration=calibration, name=name,
+                                     version=version, mode=mode.value, max_accuracy_drop=max_accuracy_drop,
+                                     min_mean_cosine=min_cosine)
+    typer.echo(report.summary())
+    _report(result)
 
 
 @app.command("tensorrt")
