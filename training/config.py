@@ -54,9 +54,25 @@ class MethodConfig(Section):
     widen_step: float = Field(0.05, gt=0)
     ema_alpha: float = Field(0.9, ge=0, lt=1)
     bank_sync_every: int = Field(100, ge=1)
+    hard_lower_bound: Optional[float] = Field(0.0, description="hard samples score in (this, threshold), as in "
+                                              "the authors' code (0); null: no lower bound. When an identity is "
+                                              "short, both ends of its window widen by widen_step")
     lambda_closeness: float = Field(0.5, ge=0)
-    lambda_diversity: float = Field(2.0, ge=0)
-    diversity_scale: float = Field(64.0, gt=0)
+    lambda_diversity: float = Field(2.0, ge=0, description="2.0 is the supplement's; the authors' code uses 1.0")
+    diversity_scale: Optional[float] = Field(None, gt=0, description="s of the diversity loss; null (default): the "
+                                             "head's scale, as in the authors' code. A different value changes "
+                                             "diversity's weight as lambda2 does, and is logged as such")
+    prototypes: Literal["shared", "per_sample"] = Field(
+        "shared", description="shared: one set of hard-negative centres for all hard samples of a step, the union "
+        "of the mined identities' top-NP with every mined identity removed (the authors' code); per_sample: each "
+        "hard sample against its own identity's top-NP")
+    separate_pass: bool = Field(True, description="mined images get their own backbone forward (their own "
+                                "BatchNorm statistics), as in the authors' code; false: one forward for the batch "
+                                "and the mined images together (cheaper, shares the batch statistics)")
+    probe_gradients_every: int = Field(0, ge=0, description="every n-th refined-branch step, log each term's "
+                                       "gradient norm over the backbone and the cosines between them (a "
+                                       "diagnostic: three extra backward passes on those steps; single process "
+                                       "only); 0: off")
 
 
 class DataConfig(Section):
@@ -76,7 +92,8 @@ class OptimConfig(Section):
     milestones: list[float] = Field(default_factory=lambda: [10.0, 18.0, 22.0])
     gamma: float = Field(0.1, gt=0)
     warmup_epochs: float = Field(0.0, ge=0)
-    grad_clip: float = Field(5.0, ge=0, description="max gradient norm; 0 disables clipping")
+    grad_clip: float = Field(0.0, ge=0, description="max gradient norm; 0 (the method's setting: neither the "
+                             "paper nor the authors' code clips) disables clipping")
 
 
 class RunConfig(Section):
@@ -114,6 +131,11 @@ class TrainConfig(Section):
         if self.head.sample_rate < 1.0 and not self.head.sharded:
             raise ValueError("head.sample_rate < 1 samples the centres of a sharded head: set head.sharded=true")
         return self
+
+    @property
+    def diversity_scale(self) -> float:
+        """The diversity loss's s: the head's unless ``method.diversity_scale`` sets another."""
+        return self.head.scale if self.method.diversity_scale is None else self.method.diversity_scale
 
     @property
     def epochs(self) -> int:

@@ -52,10 +52,11 @@ def diversity_loss(hard: torch.Tensor, prototypes: torch.Tensor, scale: float = 
     """log(mean_j exp(s * max(0, sgn cos_j) * cos_j^2)), averaged over hard samples.
 
     hard: [M, D] hard-sample embeddings; prototypes: [M, NP, D] each sample's hard negative class
-    centres (own class excluded). Both are L2-normalised here.
+    centres (own class excluded), or [P, D] one set for every sample (the authors' shared set). Both
+    are L2-normalised here.
     """
     x = F.normalize(hard.float(), dim=-1)
     w = F.normalize(prototypes.float(), dim=-1)
-    cos = torch.einsum("md,mpd->mp", x, w)
+    cos = x @ w.t() if w.dim() == 2 else torch.einsum("md,mpd->mp", x, w)
     z = scale * truncated_squared_cosine(cos)
     return (torch.logsumexp(z, dim=1) - math.log(z.shape[1])).mean()

@@ -4,10 +4,12 @@ ScoreBank: an exponential moving average of each training sample's target cosine
 updated by the ERB on every step. A low score marks a hard sample.
 
 SoftMiner: every ``interval`` steps picks K identities from the current batch and, for each,
-NE easy samples (score above the bank's 20th-percentile score) and NH hard samples (below it)
-from all of that identity's training samples. When an identity has too few on one side, that
-side's window widens by ``widen_step`` until it has enough; samples repeat only when the
-identity has fewer samples than NE + NH. Choices among eligible samples are random (soft), from
+NE easy samples (score at or above the bank's 20th-percentile score, the threshold) and NH hard
+samples (score in (lower bound, threshold); the authors' code bounds it below by 0, ``None``
+leaves it open) from all of that identity's training samples. When an identity has too few on
+one side, that side's window widens by ``widen_step`` (the hard window at both ends, as the
+authors' code widens it) until it has enough; samples repeat only when the identity has fewer
+samples than NE + NH. Choices among eligible samples are random (soft), from
 a generator seeded by (seed, step, rank), so a run is reproducible.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -114,6 +117,7 @@ class SoftMiner:
         quantile: float = 0.2,
         widen_step: float = 0.05,
         seed: int = 0,
+        hard_lower_bound: Optional[float] = None,
     ):
         if num_easy < 2:
             raise ValueError("closeness needs at least two easy samples per identity (NE >= 2)")
@@ -123,6 +127,7 @@ class SoftMiner:
         self.num_identities = num_identities
         self.num_easy, self.num_hard = num_easy, num_hard
         self.quantile, self.widen_step, self.seed = quantile, widen_step, seed
+        self.hard_lower_bound = hard_lower_bound
         # Samples grouped by identity (CSR layout): members of class c are order[start[c]:start[c+1]].
         self._order = torch.from_numpy(np.argsort(labels, kind="stable"))
         counts = np.bincount(labels, minlength=int(labels.max()) + 1 if labels.size else 0)
@@ -169,12 +174,17 @@ class SoftMiner:
         scores = bank.scores[members]
         keys = torch.rand(members.shape, generator=gen)
 
-        # Hard side: widen the window [.., t + w) until it holds NH samples.
+        # Hard side: the window (lower, t), widened to (lower - n w, t + n w) with the smallest n that
+        # holds NH samples. A sample enters at the widening that first covers it (0 inside the window).
         nh, ne, step_w = self.num_hard, self.num_easy, self.widen_step
-        ascending = torch.where(valid, scores, torch.full_like(scores, math.inf)).sort(dim=1).values
-        nth_low = ascending[:, min(nh, ascending.shape[1]) - 1]
-        widen_h = torch.where(nth_low < t, torch.zeros_like(nth_low), torch.floor((nth_low - t) / step_w) + 1)
-        hard_pool = valid & (scores < t + widen_h[:, None] * step_w)
+        enters = torch.where(scores < t, torch.zeros_like(scores), torch.floor((scores - t) / step_w) + 1)
+        if self.hard_lower_bound is not None:
+            low = self.hard_lower_bound
+            enters = torch.maximum(enters, torch.where(scores > low, torch.zeros_like(scores),
+                                                       torch.floor((low - scores) / step_w) + 1))
+        enters = torch.where(valid, enters, torch.full_like(enters, math.inf))
+        widen_h = enters.sort(dim=1).values[:, min(nh, enters.shape[1]) - 1]
+        hard_pool = valid & (enters <= widen_h[:, None])
         hard_cols = self._pick(keys, hard_pool, nh)
 
         # Easy side, among the rest: widen [t - w, ..] until it holds NE samples.

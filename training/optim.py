@@ -25,16 +25,23 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The factor of optim.lr at ``step``: min(1, (step + 1) / W) during a warm-up of W steps (W need not
+    be whole), times the schedule's factor (step decay at the milestones, or the cosine after warm-up).
+
+    The warm-up ramp is capped at 1: uncapped, a fractional W (0.3 epoch of 18 steps: W = 5.4) made
+    the last warm-up step overshoot to 6 / 5.4 = 1.11 x lr.
+    """
     o, epochs = cfg.optim, cfg.epochs
+    warmup_steps = o.warmup_epochs * steps_per_epoch
 
     def factor(step: int) -> float:
         epoch = step / steps_per_epoch
-        if epoch < o.warmup_epochs:
-            return (step + 1) / (o.warmup_epochs * steps_per_epoch)
+        warm = min(1.0, (step + 1) / warmup_steps) if step < warmup_steps else 1.0
         if o.schedule == "cosine":
             span = max(epochs - o.warmup_epochs, 1e-8)
-            return 0.5 * (1.0 + math.cos(math.pi * min((epoch - o.warmup_epochs) / span, 1.0)))
-        return o.gamma ** sum(epoch >= m for m in o.milestones)
+            progress = min(max(epoch - o.warmup_epochs, 0.0) / span, 1.0)
+            return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return warm * o.gamma ** sum(epoch >= m for m in o.milestones)
 
     return factor
 

@@ -14,8 +14,9 @@ Rank r of W owns the centres of a contiguous range of identities (``shard_bounds
    of every mined row, own class excluded. The candidates (cosines and indices) are gathered and
    merged into the global top-NP, ordered by cosine and then index, so the result is what one
    search over the full centre matrix gives, ties included.
-5. The diversity loss needs the centres of those negatives: each rank asks for the indices it
-   needs and their owners send the requested rows they hold (never the whole head).
+5. The diversity loss needs the centres of those negatives (each mined row's, or the union of a
+   step's with the mined identities removed: ``method.hard_negative_prototypes``): each rank asks
+   for the indices it needs and their owners send the requested rows they hold (never the whole head).
 
 The gradient convention follows DDP: DDP averages the backbone's gradients over W ranks, so the
 embedding gradient coming back from the all-gather is multiplied by W (each rank then holds what a

@@ -4,12 +4,13 @@ Every step runs the elementary branch (ERB): the backbone embeds the batch, the 
 gives the classification loss, the batch's target cosines (into the score bank) and each
 sample's hard negative class centres. In the joint stage, every ``method.interval`` steps the
 refined branch (RRB) also runs: the soft miner picks K identities of the batch with NE easy and
-NH hard samples each, those images go through the backbone in the same forward pass as the
-batch, and the closeness and diversity losses are added:
+NH hard samples each, those images go through the backbone (in a forward pass of their own, as
+the authors do, or in the batch's: ``method.separate_pass``), and the closeness and diversity
+losses are added:
 
     L = L_erb + lambda1 * L_closeness + lambda2 * L_diversity
 
-One forward and one backward per step, whatever the branch: DDP then needs no unused-parameter
+One DDP forward and one backward per step, whatever the branch: DDP then needs no unused-parameter
 search, and the RRB costs only its extra images. Those are mined and decoded on a background
 thread while the step before computes, wherever that gives exactly what mining at the step's own
 start would (``mined_images``). The RRB's loss is ``method``'s; logging, evaluation and
@@ -38,7 +39,7 @@ from cdface.training.config import TrainConfig
 from cdface.training.data.dataset import EpochBatchSampler, open_dataset
 from cdface.training.data.loader import Lookahead, training_loader
 from cdface.training.heads import MARGINS, MarginHead
-from cdface.training.method import RefinedBranchLoss
+from cdface.training.method import RefinedBranchLoss, gradient_probe, hard_negative_prototypes
 from cdface.training.mined_images import MinedImageLoader
 from cdface.training.mining import ScoreBank, SoftMiner, identities_per_rank
 from cdface.training.optim import clip_grad_norm, lr_factor, parameter_groups
@@ -59,11 +60,16 @@ class FaceModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, negatives_for: Optional[torch.Tensor] = None):
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, negatives_for: Optional[torch.Tensor] = None,
+                mined_images: Optional[torch.Tensor] = None):
+        """``images`` past the first ``len(labels)`` are mined RRB samples sharing the batch's pass;
+        ``mined_images`` get a pass of their own (inside this one DDP forward: a second DDP forward
+        before the backward would upset its gradient reduction)."""
         embeddings = self.backbone(images)
-        n = labels.shape[0]  # the first n images are the batch, the rest the mined RRB samples
+        n = labels.shape[0]
         out = self.head(embeddings[:n], labels, negatives_for)
-        return out.loss, out.target_cos, out.hard_negatives, embeddings[n:]
+        rrb_embeddings = embeddings[n:] if mined_images is None else self.backbone(mined_images)
+        return out.loss, out.target_cos, out.hard_negatives, rrb_embeddings
 
 
 @dataclass
@@ -142,9 +148,12 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.amp)
         self.bank = ScoreBank(len(self.dataset), alpha=method.ema_alpha)
         miner = SoftMiner(self.dataset.labels, self.local_identities, method.num_easy, method.num_hard,
-                          method.quantile, method.widen_step, seed=run.seed)
+                          method.quantile, method.widen_step, seed=run.seed, hard_lower_bound=method.hard_lower_bound)
         self.mined_images = MinedImageLoader(miner, self.dataset, env.rank)
-        self.refined_loss = RefinedBranchLoss.from_config(method)
+        self.refined_loss = RefinedBranchLoss.from_config(cfg)
+        if method.probe_gradients_every and env.distributed:
+            raise CdfaceError("method.probe_gradients_every is a single-process diagnostic: its extra backward "
+                              "passes would run outside DDP's gradient reduction")
         self.step = 0  # global optimisation steps taken
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -240,28 +249,33 @@ class Trainer:
                    next_labels: Optional[torch.Tensor] = None) -> dict[str, float]:
         """One optimisation step. ``next_labels``, the following batch's labels, lets that step's
         mining start in the background as soon as this step's scores are in the bank."""
-        device = self.env.device
-        mined = negatives_for = None
+        device, method = self.env.device, self.cfg.method
+        mined = negatives_for = separate = None
         if self.mines_at(self.step):
             mined, mined_images = self.mined_images.take(self.bank, labels, self.step)
-            images = torch.cat([images, mined_images])
+            if method.separate_pass:
+                separate = self._model_input(mined_images)
+            else:
+                images = torch.cat([images, mined_images])
             negatives_for = mined.batch_positions.to(device)
-        x = to_model_input(images.to(device, non_blocking=True))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self._model_input(images)
         labels_dev = labels.to(device, non_blocking=True)
         if isinstance(self.model.head, ShardedMarginHead):
             self.model.head.step = self.step  # seeds its negative-centre sample
 
         with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            loss_erb, target_cos, hard_negatives, rrb_embeddings = self.ddp(x, labels_dev, negatives_for)
+            loss_erb, target_cos, hard_negatives, rrb_embeddings = self.ddp(x, labels_dev, negatives_for, separate)
         loss = loss_erb
         values = {"loss_erb": float(loss_erb.detach())}
         if mined is not None:
-            prototypes = self.model.head.centres(hard_negatives)
+            prototypes = hard_negative_prototypes(self.model.head, hard_negatives, mined.identities, method.prototypes)
             loss, rrb_values = self.refined_loss(loss_erb, mined, rrb_embeddings, prototypes)
             values.update(rrb_values)
+            if method.probe_gradients_every and (self.step // method.interval) % method.probe_gradients_every == 0:
+                closeness, diversity = self.refined_loss.terms(mined, rrb_embeddings, prototypes)
+                values.update(gradient_probe(self.model.backbone, {"erb": loss_erb, "closeness": closeness,
+                                                                   "diversity": diversity}))
 
         # The bank the next step mines from is final once this step's scores are in (and the ranks
         # synchronised, when due): write it before the backward, so that mining runs alongside.
@@ -285,6 +299,10 @@ class Trainer:
                               f"instead of fp16")
         values["loss"] = float(loss.detach())
         return values
+
+    def _model_input(self, images: torch.Tensor) -> torch.Tensor:
+        x = to_model_input(images.to(self.env.device, non_blocking=True))
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # -- the loop ----------------------------------------------------------------------------
     def loader(self) -> torch.utils.data.DataLoader:
