@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     hnsw_ef_search: int = Field(default=128, ge=1, description="hnsw: candidates kept per search.")
     pq_m: int = Field(default=64, ge=1, description="ivfpq: 4-bit sub-quantisers; must divide the embedding size.")
     pq_rerank: int = Field(default=32, ge=0, description="ivfpq: candidates re-scored exactly from float16 "
-                           "copies of the vectors (about 1 KiB a 512-d face); 0 = codes only (about 40 B a face, "
+                           "copies of the vectors (about 1 KiB a 512-d face); 0 = codes only (about 50 B a face, "
                            "approximate scores).")
     faiss_threads: int = Field(default=1, ge=0, description="OpenMP threads per FAISS search (0 = FAISS's default, "
                                "all cores); one per search serves concurrent requests best on small machines.")
