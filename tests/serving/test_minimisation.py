@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import numpy as np
+
 import pytest
 
 from cdface.core.manifest import Evaluation
@@ -49,8 +51,10 @@ def test_identify_names_non_matches_only_to_keys_with_the_candidates_scope(gatew
             r = admin.post("/v1/identities", json={"name": f"minimisation {person}",
                                                    "images": [{"data": b64(photos[person])}]})
             assert r.status_code == 201, r.text
-        # Nobody enrolled is Tom Hanks: no candidate matches, so the identify-only key is shown none.
-        probe = {"image": {"data": b64(photos["tom_hanks_aligned"])}, "top_k": 5}
+        # A random direction matches no enrolled face (cosine near 0, threshold 0.363), whatever else the
+        # session's gateway holds: the identify-only key is shown no candidate, yet a best one exists.
+        direction = np.random.default_rng(1234).standard_normal(128)
+        probe = {"embedding": (direction / np.linalg.norm(direction)).tolist(), "top_k": 5}
         full = admin.post("/v1/identify", json=probe).json()["faces"][0]
     with gateway.client("identify") as identify_only:
         minimal = identify_only.post("/v1/identify", json=probe).json()["faces"][0]
@@ -68,8 +72,10 @@ def test_the_audit_row_records_the_best_candidate_whatever_the_callers_scope(gat
     with gateway.client("admin") as admin:
         r = admin.post("/v1/identities", json={"name": "audit top1 biden", "images": [{"data": b64(photos["biden"])}]})
         assert r.status_code == 201, r.text
-        # Nobody enrolled is Tom Hanks: no candidate matches, so the identify-only key is shown none.
-        probe = {"image": {"data": b64(photos["tom_hanks_aligned"])}, "top_k": 5}
+        # A random direction matches no enrolled face (cosine near 0, threshold 0.363), whatever else the
+        # session's gateway holds: the identify-only key is shown no candidate, yet a best one exists.
+        direction = np.random.default_rng(1234).standard_normal(128)
+        probe = {"embedding": (direction / np.linalg.norm(direction)).tolist(), "top_k": 5}
         ids = []
         for client in (admin, gateway.client("identify")):
             r = client.post("/v1/identify", json=probe)
