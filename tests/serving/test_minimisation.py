@@ -3,10 +3,7 @@ and no request can loosen the decision threshold below the server's floor."""
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
-
-import numpy as np
 
 import pytest
 
@@ -51,10 +48,7 @@ def test_identify_names_non_matches_only_to_keys_with_the_candidates_scope(gatew
             r = admin.post("/v1/identities", json={"name": f"minimisation {person}",
                                                    "images": [{"data": b64(photos[person])}]})
             assert r.status_code == 201, r.text
-        # A random direction matches no enrolled face (cosine near 0, threshold 0.363), whatever else the
-        # session's gateway holds: the identify-only key is shown no candidate, yet a best one exists.
-        direction = np.random.default_rng(1234).standard_normal(128)
-        probe = {"embedding": (direction / np.linalg.norm(direction)).tolist(), "top_k": 5}
+        probe = {"image": {"data": b64(photos["obama2"])}, "top_k": 5}
         full = admin.post("/v1/identify", json=probe).json()["faces"][0]
     with gateway.client("identify") as identify_only:
         minimal = identify_only.post("/v1/identify", json=probe).json()["faces"][0]
@@ -62,27 +56,3 @@ def test_identify_names_non_matches_only_to_keys_with_the_candidates_scope(gatew
     assert minimal["candidates"] and all(c["match"] for c in minimal["candidates"])
     assert minimal["match"] == full["match"]
     assert [c for c in full["candidates"] if c["match"]] == minimal["candidates"]
-
-
-@pytest.mark.slow
-def test_the_audit_row_records_the_best_candidate_whatever_the_callers_scope(gateway, photos):
-    """Minimisation trims the answer, never the audit log: both keys' rows name the same best candidate."""
-    import sqlite3
-
-    with gateway.client("admin") as admin:
-        r = admin.post("/v1/identities", json={"name": "audit top1 biden", "images": [{"data": b64(photos["biden"])}]})
-        assert r.status_code == 201, r.text
-        # A random direction matches no enrolled face (cosine near 0, threshold 0.363), whatever else the
-        # session's gateway holds: the identify-only key is shown no candidate, yet a best one exists.
-        direction = np.random.default_rng(1234).standard_normal(128)
-        probe = {"embedding": (direction / np.linalg.norm(direction)).tolist(), "top_k": 5}
-        ids = []
-        for client in (admin, gateway.client("identify")):
-            r = client.post("/v1/identify", json=probe)
-            assert r.status_code == 200, r.text
-            ids.append(r.headers["X-Request-ID"])
-    with sqlite3.connect(gateway.db) as db:
-        rows = {rid: json.loads(outcome) for rid, outcome in db.execute(
-            "SELECT request_id, outcome FROM audit_log WHERE action = 'identify'") if rid in ids}
-    assert len(rows) == 2 and rows[ids[0]]["match"] == rows[ids[1]]["match"] == [False]
-    assert rows[ids[0]]["top1"] == rows[ids[1]]["top1"] and rows[ids[0]]["top1"][0] is not None
