@@ -207,15 +207,16 @@ async def identify(service: FaceService, image: ImageIn | None, embedding: Seque
     hits = await to_thread.run_sync(timed("search", service.gallery.search), vectors, top_k, actor.tenant)
     identities = await to_thread.run_sync(timed("store", partial(service.store.identities_by_id, tenant=actor.tenant)),
                                           [c.identity_id for row in hits for c in row])
-    faces = []
+    faces: list[IdentifiedFace] = []
+    top1: list[str | None] = []
     for face, row in zip(found, hits):
         candidates = [Candidate(identities[c.identity_id], c.face_id, c.similarity, decision.accepts(c.similarity))
                       for c in row if c.identity_id in identities]  # not those deleted since the search
+        top1.append(candidates[0].identity.id if candidates else None)  # before minimisation: the audit's truth
         shown = candidates if non_matches else [c for c in candidates if c.match]
         faces.append(IdentifiedFace(face, shown, candidates[0] if candidates and candidates[0].match else None))
     service.last_seen.saw(face_ids=[face.match.face_id for face in faces if face.match is not None])
     # Per face searched: its best candidate's identity id and whether it matched (ids only, no names).
-    top1 = [face.candidates[0].identity.id if face.candidates else None for face in faces]
     await to_thread.run_sync(timed("store", service.store.append_audit), actor, "identify", None, (),
                              {"faces": len(faces), "top1": top1, "match": [face.match is not None for face in faces]})
     return Identification(decision, faces)

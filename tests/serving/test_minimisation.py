@@ -3,7 +3,11 @@ and no request can loosen the decision threshold below the server's floor."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from types import SimpleNamespace
+
+import numpy as np
 
 import pytest
 
@@ -56,3 +60,25 @@ def test_identify_names_non_matches_only_to_keys_with_the_candidates_scope(gatew
     assert minimal["candidates"] and all(c["match"] for c in minimal["candidates"])
     assert minimal["match"] == full["match"]
     assert [c for c in full["candidates"] if c["match"]] == minimal["candidates"]
+
+
+@pytest.mark.slow
+def test_the_audit_row_records_the_best_candidate_whatever_the_callers_scope(gateway, photos):
+    """Minimisation trims the answer, never the audit log: both keys' rows name the same best candidate."""
+    with gateway.client("admin") as admin:
+        r = admin.post("/v1/identities", json={"name": "audit top1 biden", "images": [{"data": b64(photos["biden"])}]})
+        assert r.status_code == 201, r.text
+        # A random direction matches no enrolled face (cosine near 0, threshold 0.363), whatever else the
+        # session's gateway holds: the identify-only key is shown no candidate, yet a best one exists.
+        direction = np.random.default_rng(1234).standard_normal(128)
+        probe = {"embedding": (direction / np.linalg.norm(direction)).tolist(), "top_k": 5}
+        ids = []
+        for client in (admin, gateway.client("identify")):
+            r = client.post("/v1/identify", json=probe)
+            assert r.status_code == 200, r.text
+            ids.append(r.headers["X-Request-ID"])
+    with sqlite3.connect(gateway.db) as db:
+        rows = {rid: json.loads(outcome) for rid, outcome in db.execute(
+            "SELECT request_id, outcome FROM audit_log WHERE action = 'identify'") if rid in ids}
+    assert len(rows) == 2 and rows[ids[0]]["match"] == rows[ids[1]]["match"] == [False]
+    assert rows[ids[0]]["top1"] == rows[ids[1]]["top1"] and rows[ids[0]]["top1"][0] is not None
