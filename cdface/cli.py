@@ -32,6 +32,8 @@ def _register() -> None:
     # Imported here, not at module top, so `cdface --help` stays fast and torch-free.
     from cdface.devtools.triton_cli import app as triton_app
     from cdface.export.cli import app as export_app
+    from cdface.pipeline.model_cli import model_app
+    from cdface.pipeline.retrain import retrain_command
     from cdface.serving.audit_cli import audit_app
     from cdface.serving.cli import gallery_app, keys_app, serve_command
     from cdface.training.cli import train_command
@@ -42,6 +44,8 @@ def _register() -> None:
     app.command("train")(train_command)
     app.add_typer(eval_app, name="eval", help="Evaluate a checkpoint or an exported ONNX model.")
     app.add_typer(export_app, name="export", help="Export models: ONNX, TensorRT, Triton model repository.")
+    app.command("retrain")(retrain_command)
+    app.add_typer(model_app, name="model", help="The served model: candidate, promote, rollback (live upgrades).")
     app.add_typer(triton_app, name="triton", help="A local Triton Inference Server (development, demos).")
     app.command("serve")(serve_command)
     app.add_typer(keys_app, name="keys", help="API keys: create, list, revoke.")

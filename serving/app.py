@@ -44,9 +44,9 @@ def create_app(settings: Settings | None = None, service: FaceService | None = N
         app.state.service = svc
         started = time.perf_counter()
         await run_in_threadpool(svc.start)
-        decision = decide(svc, None)
-        log.info("serving model %s (Triton %r version %d), %d faces indexed in %.2f s; threshold %.3f (%s)",
-                 svc.model_key, settings.model, svc.triton_version, svc.gallery.faces_indexed,
+        decision = decide(settings, svc.manifest, None)
+        log.info("serving model %s (Triton %s), %d faces indexed in %.2f s; threshold %.3f (%s)",
+                 svc.model_key, svc.active.ref, svc.gallery.faces_indexed,
                  time.perf_counter() - started, decision.threshold, decision.source)
         try:
             yield

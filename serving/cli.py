@@ -29,6 +29,7 @@ from cdface.core.errors import CdfaceError, exit_on_error
 from cdface.serving.settings import Settings, env_name, is_secret, unknown_env
 
 if TYPE_CHECKING:  # imported when used: the command line starts without the gateway's dependencies
+    from cdface.serving.store import ModelKey
     from cdface.serving.usecases.maintenance import Reembedded
 
 keys_app = command_group(help="Manage API keys (stored hashed in the gallery database).")
@@ -185,45 +186,73 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The key id (the part aft
 
 @gallery_app.command("status")
 def gallery_status(db: Optional[Path] = _DB, database_url: Optional[str] = _URL) -> None:
-    """Faces per model (the served model's are searchable; others need re-embedding or re-enrolment)."""
+    """Faces in the gallery, faces each model has embedded, and the model pointer (active, candidate, previous).
+
+    A model searches the faces it has embedded; `cdface gallery reembed` fills in a model's missing
+    embeddings from the retained crops.
+    """
     from cdface.serving.usecases.maintenance import census
 
-    print(json.dumps(dataclasses.asdict(census(_store(db, database_url)))))
+    store = _store(db, database_url)
+    try:
+        print(json.dumps(dataclasses.asdict(census(store))))
+    finally:
+        store.close()
+
+
+def _model_ref(text: str) -> "ModelKey":
+    """``NAME:VERSION`` (a Triton model and one of its version directories) as a ModelKey."""
+    from cdface.serving.store import ModelKey
+
+    name, _, version = text.rpartition(":")
+    if not name or not version.isdigit() or int(version) < 1:
+        raise CdfaceError(f"--to {text!r}: expected NAME:VERSION, a Triton model and its version (e.g. face:2)")
+    return ModelKey(name, int(version))
 
 
 @gallery_app.command("reembed")
 def gallery_reembed(
+    to: Optional[str] = typer.Option(None, "--to", metavar="NAME:VERSION", help="The Triton model and version to "
+                                     "embed with (its manifest in the model repository names the embeddings). "
+                                     "Default: the candidate of the gallery's model pointer."),
     db: Optional[Path] = _DB,
     database_url: Optional[str] = _URL,
     model_repository: Optional[Path] = _setting("model_repository", "--model-repository",
                                                 help="Triton model repository."),
-    model: Optional[str] = _setting("model", "--model", help="Triton model name."),
     triton_url: Optional[str] = _setting("triton_url", "--triton-url", help="Triton gRPC target."),
-    batch: int = typer.Option(32, "--batch", min=1, max=256, help="Crops per Triton request."),
+    batch: int = typer.Option(32, "--batch", min=1, max=256, help="Crops per Triton request and per transaction."),
 ) -> None:
-    """Recompute every face made by another model from its retained crop, with the served model.
+    """Embed every face's retained crop with another model, next to the faces' existing embeddings.
 
-    Faces enrolled without a retained crop cannot be re-embedded: they are counted and must be
-    re-enrolled. Restart the gateway afterwards (it rebuilds its index from the store); gateways on
-    PostgreSQL follow the change log and pick the new embeddings up by themselves.
+    Streams the gallery a batch at a time (one transaction per batch) and shows a progress bar on
+    stderr. Resumable: a run that stops keeps what it committed, and the next run does only the faces
+    still missing; faces that already have the model's embedding are left as they are. Faces enrolled
+    without a retained crop cannot be re-embedded: they are counted and must be re-enrolled. Prints
+    the result as JSON, with the model's coverage (faces it has embedded / faces in the gallery).
     """
-    settings = _settings(db_path=db, database_url=database_url, model_repository=model_repository, model=model,
+    settings = _settings(db_path=db, database_url=database_url, model_repository=model_repository,
                          triton_url=triton_url)
-    print(json.dumps(dataclasses.asdict(asyncio.run(_reembed(settings, batch)))))
+    print(json.dumps(dataclasses.asdict(asyncio.run(_reembed(settings, _model_ref(to) if to else None, batch)))))
 
 
-async def _reembed(settings: Settings, batch: int) -> Reembedded:
-    from cdface.serving.service import open_embedder, open_store, resolve_manifest
+async def _reembed(settings: Settings, target: "ModelKey | None", batch: int) -> Reembedded:
+    from cdface.serving.service import open_embedder, open_store, read_served_manifest
     from cdface.serving.store import ModelKey
     from cdface.serving.usecases.maintenance import reembed
 
-    manifest, version = resolve_manifest(settings)
     store = open_store(settings)
-    embedder = open_embedder(settings, manifest, version)
     try:
-        return await reembed(store, embedder, ModelKey(manifest.name, manifest.version), batch)
+        if target is None:
+            target = store.model_state().candidate
+            if target is None:
+                raise CdfaceError("the gallery has no candidate model to re-embed for; name one with --to NAME:VERSION")
+        manifest = read_served_manifest(settings, target)
+        embedder = open_embedder(settings, manifest, target.version, model=target.name)
+        try:
+            return await reembed(store, embedder, ModelKey(manifest.name, manifest.version), batch)
+        finally:
+            await embedder.close()
     finally:
-        await embedder.close()
         store.close()
 
 

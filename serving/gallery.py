@@ -16,8 +16,10 @@ added only if absent, re-read from the store), so replaying this replica's own w
 Local writes and sync take one write lock, so a sync that read a face cannot re-add it after a
 local delete finished.
 
-Only the served model's embeddings are indexed; faces made by another model are counted as
-needing re-enrolment (or ``cdface gallery reembed`` from their retained crops).
+A gallery indexes one model's embeddings (a face has one per model, side by side). A gateway holds
+one gallery per model it may answer with (the active model, a candidate being shadowed, the previous
+one kept for a rollback); they share one write lock, and a write that reaches several models
+(``also``) changes their indexes together.
 
 Tenants (``cdface.serving.store.base``): each tenant's faces are in an index of their own, made on
 first use, so an identification searches only the caller's tenant and can never rank another
@@ -32,7 +34,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -72,10 +74,13 @@ class GalleryStatus:
 
 Owner = tuple[str, str]
 """(tenant, identity id) of an indexed face."""
+Mirrors = Sequence[tuple["Gallery", np.ndarray]]
+"""Other models' galleries and their embeddings of the same faces (float32 [N, their dim])."""
 
 
 class Gallery:
-    def __init__(self, store: GalleryStore, model: ModelKey, dim: int, spec: IndexSpec = IndexSpec()) -> None:
+    def __init__(self, store: GalleryStore, model: ModelKey, dim: int, spec: IndexSpec = IndexSpec(),
+                 write_lock: threading.Lock | None = None) -> None:
         self.store = store
         self.model = model
         self.dim = dim
@@ -84,28 +89,38 @@ class Gallery:
         self._indexes: dict[str, FaceIndex] = {}  # tenant -> the index of its faces, made on first use
         self._owner: dict[int, Owner] = {}  # face id -> (tenant, identity id), for indexed faces
         self._lock = threading.RLock()  # orders index + owner-map updates
-        self._write_lock = threading.Lock()  # orders local writes against sync (see the module docstring)
+        # Orders local writes against sync (see the module docstring); shared by the galleries of one
+        # gateway's models, so a write reaching several of them is never interleaved with a sync.
+        self._write_lock = write_lock or threading.Lock()
         self.loaded = False
         self.load_seconds = 0.0
         self.applied_seq = 0  # every change up to here is in the index
         self.last_sync: float | None = None  # time.monotonic() of the last successful sync
 
     def load(self) -> None:
-        """(Re)build the index from the store: every face the served model made."""
+        """(Re)build the index from the store: every face the model made.
+
+        Built outside the write lock, so the gateway keeps enrolling while a candidate model's index is
+        built: the watermark is read first, and what was committed after it is replayed by ``sync``
+        (idempotent) before this returns.
+        """
         started = time.perf_counter()
+        seq = self.store.last_seq()
+        ids, identities, tenants, vectors = self.store.load_embeddings(self.model, self.dim)
+        rows: dict[str, list[int]] = {}
+        for row, tenant in enumerate(tenants):
+            rows.setdefault(tenant, []).append(row)
+        built = {}
+        for tenant, picked in rows.items():
+            built[tenant] = FaceIndex(self.dim, self.spec)
+            built[tenant].build(ids[picked], vectors[picked])
         with self._write_lock:
-            # The watermark first: changes committed while loading are replayed by sync (idempotent).
-            seq = self.store.last_seq()
-            ids, identities, tenants, vectors = self.store.load_embeddings(self.model, self.dim)
-            rows: dict[str, list[int]] = {tenant: [] for tenant in self._indexes}  # a tenant with none left: emptied
-            for row, tenant in enumerate(tenants):
-                rows.setdefault(tenant, []).append(row)
             with self._lock:
-                for tenant, picked in rows.items():
-                    self._index(tenant).build(ids[picked], vectors[picked])
+                self._indexes = built
                 self._owner = {face_id: (tenant, identity)
                                for face_id, identity, tenant in zip(ids.tolist(), identities, tenants)}
             self.applied_seq, self.last_sync = seq, time.monotonic()
+        self.sync()
         self.load_seconds = time.perf_counter() - started
         self.loaded = True
         log.info("gallery loaded: %d faces of %s in %d tenants in %.2f s (%s index)", len(ids), self.model,
@@ -144,35 +159,55 @@ class Gallery:
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, crops: Sequence[bytes | None],
                boxes: Sequence[list[float] | None], qualities: Sequence[dict[str, float]],
-               actor: Actor = NO_ACTOR) -> list[Face]:
-        faces = [NewFace(e, self.model, c, b, q) for e, c, b, q in zip(embeddings, crops, boxes, qualities)]
+               actor: Actor = NO_ACTOR, also: Mirrors = ()) -> list[Face]:
+        """Add faces to an identity of ``actor.tenant``; searchable on return.
+
+        ``also``: the same faces as other models embedded them (a candidate model's gallery, with its
+        vectors in the same order), stored in the same transaction and indexed there too.
+        """
+        faces = self._new_faces(embeddings, crops, boxes, qualities, also)
         with self._write_lock:
             # One transaction, durable on return; only an identity of the actor's tenant is found.
             stored = self.store.add_faces(identity_id, faces, actor)
-            self._add([f.id for f in stored], [(actor.tenant, identity_id)] * len(stored),
-                      np.asarray(embeddings, np.float32))
+            self._index_new(stored, actor.tenant, identity_id, embeddings, also)
         return stored
 
     def create_identity(self, external_id: str | None, name: str | None, metadata: dict[str, Any],
                         embeddings: np.ndarray, crops: Sequence[bytes | None], boxes: Sequence[list[float] | None],
-                        qualities: Sequence[dict[str, float]], actor: Actor = NO_ACTOR) -> tuple[Identity, list[Face]]:
+                        qualities: Sequence[dict[str, float]], actor: Actor = NO_ACTOR,
+                        also: Mirrors = ()) -> tuple[Identity, list[Face]]:
         """Create an identity with its faces in one transaction (a crash leaves neither); searchable on return."""
-        faces = [NewFace(e, self.model, c, b, q) for e, c, b, q in zip(embeddings, crops, boxes, qualities)]
+        faces = self._new_faces(embeddings, crops, boxes, qualities, also)
         with self._write_lock:
             identity, stored = self.store.create_identity_with_faces(external_id, name, metadata, faces, actor)
-            self._add([f.id for f in stored], [(actor.tenant, identity.id)] * len(stored),
-                      np.asarray(embeddings, np.float32))
+            self._index_new(stored, actor.tenant, identity.id, embeddings, also)
         return identity, stored
 
-    def delete_face(self, identity_id: str, face_id: int, actor: Actor = NO_ACTOR) -> None:
+    def _new_faces(self, embeddings: np.ndarray, crops: Sequence[bytes | None], boxes: Sequence[list[float] | None],
+                   qualities: Sequence[dict[str, float]], also: Mirrors) -> list[NewFace]:
+        return [NewFace(e, self.model, c, b, q, also=tuple((other.model, vectors[i]) for other, vectors in also))
+                for i, (e, c, b, q) in enumerate(zip(embeddings, crops, boxes, qualities))]
+
+    def _index_new(self, stored: Sequence[Face], tenant: str, identity_id: str, embeddings: np.ndarray,
+                   also: Mirrors) -> None:
+        ids, owners = [f.id for f in stored], [(tenant, identity_id)] * len(stored)
+        self._add(ids, owners, np.asarray(embeddings, np.float32))
+        for other, vectors in also:
+            other._add(ids, owners, np.asarray(vectors, np.float32))
+
+    def delete_face(self, identity_id: str, face_id: int, actor: Actor = NO_ACTOR,
+                    also: Sequence[Gallery] = ()) -> None:
+        """Delete the face from the store, then from this index and those of ``also`` (other models')."""
         with self._write_lock:
             self.store.delete_face(identity_id, face_id, actor)
-            self._forget([face_id])
+            for gallery in (self, *also):
+                gallery._forget([face_id])
 
-    def delete_identity(self, identity_id: str, actor: Actor = NO_ACTOR) -> list[int]:
+    def delete_identity(self, identity_id: str, actor: Actor = NO_ACTOR, also: Sequence[Gallery] = ()) -> list[int]:
         with self._write_lock:
             face_ids = self.store.delete_identity(identity_id, actor)
-            self._forget(face_ids)
+            for gallery in (self, *also):
+                gallery._forget(face_ids)
         return face_ids
 
     def _add(self, face_ids: Sequence[int], owners: Sequence[Owner], vectors: np.ndarray) -> None:
@@ -201,9 +236,11 @@ class Gallery:
                 for change in changes:
                     if change.face_id is not None and change.op.startswith("face."):
                         last[change.face_id] = change.op
+                # face.embed: a model's embedding was added beside the others (re-embedding); face.reembed:
+                # an embedding replaced in place (change logs written before schema 3).
                 gone = [f for f, op in last.items() if op in ("face.delete", "face.reembed") and f in self._owner]
-                wanted = [f for f, op in last.items() if op in ("face.add", "face.reembed")]
-                self._forget(gone)  # a re-embedded face leaves, then returns with its new vector
+                wanted = [f for f, op in last.items() if op in ("face.add", "face.embed", "face.reembed")]
+                self._forget(gone)  # a replaced embedding leaves, then returns with its new vector
                 if wanted:
                     # Re-read from the store: a face deleted or re-embedded by a later change (not in
                     # this batch yet) is simply absent, and that later change is applied next.
@@ -300,15 +337,17 @@ class Gallery:
 
 
 class Follower:
-    """A thread that keeps a gallery in step with a shared store: woken by ``store.wait_for_change``
-    (NOTIFY on PostgreSQL), else every ``poll_s``.
+    """A thread that keeps a gateway in step with a shared store: woken by ``store.wait_for_change``
+    (NOTIFY on PostgreSQL), else every ``poll_s``, it runs ``step`` (sync the galleries, follow the
+    model pointer).
 
     The notification only wakes it; what it applies comes from the change log, so a missed
     notification (or a database restart) delays a change by at most one poll interval.
     """
 
-    def __init__(self, gallery: Gallery, poll_s: float) -> None:
-        self.gallery = gallery
+    def __init__(self, store: GalleryStore, step: Callable[[], object], poll_s: float) -> None:
+        self.store = store
+        self.step = step
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cdface-gallery-follower", daemon=True)
@@ -320,10 +359,10 @@ class Follower:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.gallery.store.wait_for_change(self.poll_s)
+                self.store.wait_for_change(self.poll_s)
                 if self._stop.is_set():
                     break
-                self.gallery.sync()
+                self.step()
             except Exception as exc:  # the database is away: report, back off, keep following
                 self.errors += 1
                 log.warning("gallery sync failed (%s); retrying in %.1f s", exc, self.poll_s)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
-from typing import Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from cdface.serving.usecases.operations import Gauges
 
 # The status label of a request whose client disconnected before its response started (nginx's 499,
 # "client closed request"): counted apart, never as a 500 nobody received.
@@ -95,13 +98,31 @@ class Metrics:
                                        "summed over its images and faces: " +
                                        "; ".join(f"{name}: {what}" for name, what in STAGES.items()),
                                        ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
+        self.served_model = Gauge("cdface_served_model", "1 for the Triton model:version answering requests now",
+                                  ["model"], registry=self.registry)
+        # Shadow mode (cdface.serving.shadow): this gateway's counts since it started; the store holds all gateways'.
+        self.shadow_compared = Gauge("cdface_shadow_compared", "Faces answered by both the active and the candidate "
+                                     "model (shadow mode)", ["active", "candidate"], registry=self.registry)
+        self.shadow_agreed = Gauge("cdface_shadow_agreed", "Of the faces compared, those on which the candidate "
+                                   "agreed with the active model: on the match decision, or on the top-1 identity",
+                                   ["active", "candidate", "on"], registry=self.registry)
+        self.shadow_failed = Gauge("cdface_shadow_failed", "Shadow answers the candidate could not make",
+                                   ["active", "candidate"], registry=self.registry)
         for name in STAGES:  # every stage's series exists from the start, at count 0
             self.stage_seconds.labels(name)
 
-    def render(self, faces_indexed: int, breaker_open: bool) -> tuple[bytes, str]:
+    def render(self, gauges: Gauges) -> tuple[bytes, str]:
         """(body, content type) of the metrics, the gauges set to these values first."""
-        self.gallery_faces.set(faces_indexed)
-        self.breaker_open.set(1 if breaker_open else 0)
+        self.gallery_faces.set(gauges.faces_indexed)
+        self.breaker_open.set(1 if gauges.breaker_open else 0)
+        self.served_model.clear()
+        self.served_model.labels(gauges.active).set(1)
+        for (active, candidate), counts in gauges.shadow.items():
+            labels = {"active": str(active), "candidate": str(candidate)}
+            self.shadow_compared.labels(**labels).set(counts.compared)
+            self.shadow_failed.labels(**labels).set(counts.failed)
+            self.shadow_agreed.labels(**labels, on="decision").set(counts.same_decision)
+            self.shadow_agreed.labels(**labels, on="top1").set(counts.same_top1)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def middleware(self, app: Any) -> Any:

@@ -32,10 +32,13 @@ class ImageInput(_In):
 
 
 class ModelInfo(BaseModel):
-    name: str
-    version: int
+    """The model that made an answer (during an upgrade, answers name the model that made each one)."""
+
+    name: str = Field(description="The model's name in its manifest.")
+    version: int = Field(description="The model's version in its manifest.")
     embedding_size: int
-    triton_model: str
+    triton_model: str = Field(description="The Triton model that served it.")
+    triton_version: int = Field(description="The Triton version that served it.")
 
 
 class Decision(BaseModel):

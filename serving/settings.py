@@ -61,8 +61,9 @@ class Settings(BaseSettings):
         "(--grpc-max-connection-age) for new pods to be found. `ipv4:10.0.0.1:8001,10.0.0.2:8001` "
         "(or `ipv6:[::1]:8001,...`): a static list, balanced the same way."))
     model: str = Field(default="face", description="The Triton model name.")
-    model_version: int | None = Field(default=None, ge=1,
-                                      description="Version to serve; default: the newest in the repository.")
+    model_version: int | None = Field(default=None, ge=1, description=(
+        "Pin this version: the gateway then ignores the store's model pointer (`cdface model promote`). "
+        "Default: the store's active model, and the newest in the repository for a gallery that has none yet."))
     model_repository: Path | None = Field(default=None,
                                           description="Triton model repository (manifests are read from it).")
     manifest: Path | None = Field(default=None,
@@ -131,6 +132,13 @@ class Settings(BaseSettings):
         "How often the gateway applies face_retention_days and audit_retention_days (first at start)."))
     last_seen_max_pending: int = Field(default=100_000, ge=1, description=(
         "Matched faces a gateway remembers between two writes of last_seen; a full set is written early."))
+    shadow_share: float = Field(default=0.0, ge=0.0, le=1.0, description=(
+        "Shadow mode: the share of identify requests (by image) also answered, off the request path, by the "
+        "candidate model (`cdface model candidate`); agreement with the active model's answer is counted in "
+        "/metrics and `cdface model status`. 0: off."))
+    report_interval_s: float = Field(default=15.0, gt=0, description=(
+        "How often a gateway writes to the store which models it serves (read before Triton unloads a version) "
+        "and its shadow-mode counts."))
 
     # Faces and limits
     yunet_model: Path | None = Field(default=None,

@@ -41,7 +41,7 @@ async def detect(service: ServiceDep, body: ParsedBody[s.DetectRequest] = json_o
              dependencies=[require("embed")])
 async def embeddings(service: ServiceDep, body: ParsedBody[s.EmbeddingsRequest] = json_or_form(
         s.EmbeddingsRequest, form_images)) -> s.EmbeddingsResponse:
-    return responses.embeddings(service, await recognition.embed(service, body.images))
+    return responses.embeddings(await recognition.embed(service, body.images))
 
 
 @router.post("/verify", response_model=s.VerifyResponse, operation_id="verify",
@@ -55,7 +55,7 @@ async def verify(service: ServiceDep, key: ApiKey | None = require("verify"),
     image = next(images) if req.image is not None else None
     target = recognition.VerifyTarget(next(images) if req.other is not None else None, req.other_embedding,
                                       req.identity_id)
-    return responses.verification(service, await recognition.verify(service, image, req.embedding, target, req.far,
+    return responses.verification(await recognition.verify(service, image, req.embedding, target, req.far,
                                                                            actor(key)))
 
 
@@ -70,4 +70,4 @@ async def identify(service: ServiceDep, key: ApiKey | None = require("identify")
     image = body.images[0] if body.images else None
     result = await recognition.identify(service, image, req.embedding, req.top_k, req.far, actor(key),
                                         non_matches=key is None or allows(key, "candidates"))
-    return responses.identification(service, result)
+    return responses.identification(result)

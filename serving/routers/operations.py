@@ -46,6 +46,5 @@ async def readyz(service: ServiceDep) -> Any:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response, operation_id="metrics")
 async def metrics(service: ServiceDep, registry: MetricsDep) -> Response:
-    state = operations.gauges(service)
-    body, content_type = registry.render(state.faces_indexed, state.breaker_open)
+    body, content_type = registry.render(operations.gauges(service))
     return Response(body, media_type=content_type)

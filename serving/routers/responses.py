@@ -6,16 +6,18 @@ from dataclasses import asdict
 from typing import Any
 
 from cdface.serving import schemas as s
-from cdface.serving.service import FaceService
+from cdface.serving.service import FaceService, ServedModel
 from cdface.serving.store import Face, Identity, ModelKey
 from cdface.serving.usecases.images import FoundFace
 from cdface.serving.usecases.operations import GalleryReport, Readiness
 from cdface.serving.usecases.recognition import Candidate, Decision, EmbeddedFaces, Identification, Verification
 
 
-def model_info(service: FaceService) -> s.ModelInfo:
-    return s.ModelInfo(name=service.manifest.name, version=service.manifest.version,
-                       embedding_size=service.manifest.embedding_size, triton_model=service.settings.model)
+def model_info(model: ServedModel) -> s.ModelInfo:
+    """The model that made an answer: its manifest's identity and where Triton serves it."""
+    return s.ModelInfo(name=model.manifest.name, version=model.manifest.version,
+                       embedding_size=model.manifest.embedding_size, triton_model=model.ref.name,
+                       triton_version=model.ref.version)
 
 
 def _detected(found: FoundFace | None) -> dict[str, Any]:
@@ -33,14 +35,14 @@ def _decision(decision: Decision) -> dict[str, Any]:
     return {"threshold": decision.threshold, "threshold_source": decision.source, "far": decision.far}
 
 
-def embeddings(service: FaceService, result: EmbeddedFaces) -> s.EmbeddingsResponse:
-    return s.EmbeddingsResponse(model=model_info(service), faces=[
+def embeddings(result: EmbeddedFaces) -> s.EmbeddingsResponse:
+    return s.EmbeddingsResponse(model=model_info(result.model), faces=[
         s.FaceEmbedding(**_detected(f), embedding=v.tolist()) for f, v in zip(result.faces, result.vectors)])
 
 
-def verification(service: FaceService, result: Verification) -> s.VerifyResponse:
+def verification(result: Verification) -> s.VerifyResponse:
     return s.VerifyResponse(**_decision(result.decision), match=result.match, similarity=result.similarity,
-                            model=model_info(service), identity_id=result.identity_id,
+                            model=model_info(result.model), identity_id=result.identity_id,
                             faces=[s.DetectedFace(**_detected(f)) for f in result.faces])
 
 
@@ -49,8 +51,8 @@ def _candidate(c: Candidate) -> s.CandidateOut:
                           face_id=c.face_id, similarity=c.similarity, match=c.match)
 
 
-def identification(service: FaceService, result: Identification) -> s.IdentifyResponse:
-    return s.IdentifyResponse(**_decision(result.decision), model=model_info(service), faces=[
+def identification(result: Identification) -> s.IdentifyResponse:
+    return s.IdentifyResponse(**_decision(result.decision), model=model_info(result.model), faces=[
         s.IdentifiedFace(**_detected(f.face), candidates=[_candidate(c) for c in f.candidates],
                          match=_candidate(f.match) if f.match is not None else None) for f in result.faces])
 
@@ -72,7 +74,7 @@ def faces(records: list[Face], served: ModelKey) -> list[s.FaceOut]:
 
 def readiness(service: FaceService, result: Readiness) -> s.ReadinessOut:
     return s.ReadinessOut(status="ready" if result.ready else "not_ready", triton=result.triton,
-                          gallery=result.gallery, model=model_info(service),
+                          gallery=result.gallery, model=model_info(service.active),
                           sync=s.SyncStatus(**asdict(result.sync)) if result.sync is not None else None)
 
 

@@ -7,6 +7,7 @@ needed only when PostgreSQL is used.
 from cdface.serving.errors import Conflict, NotFound
 from cdface.serving.store.base import (
     DEFAULT_TENANT,
+    MODEL_ACTIONS,
     NO_ACTOR,
     TENANT_PATTERN,
     Actor,
@@ -18,7 +19,9 @@ from cdface.serving.store.base import (
     GalleryStore,
     Identity,
     ModelKey,
+    ModelState,
     NewFace,
+    ShadowCounts,
     check_tenant,
     new_identity_id,
     utc_iso,
@@ -27,6 +30,7 @@ from cdface.serving.store.base import (
 from cdface.serving.store.sql import SCHEMA_VERSION, SqlStore
 from cdface.serving.store.sqlite import SQLiteStore
 
-__all__ = ["DEFAULT_TENANT", "NO_ACTOR", "TENANT_PATTERN", "Actor", "ApiKey", "AuditEntry", "Change", "Conflict",
-           "Embeddings", "Face", "GalleryStore", "Identity", "ModelKey", "NewFace", "NotFound", "SCHEMA_VERSION",
-           "SQLiteStore", "SqlStore", "check_tenant", "new_identity_id", "utc_iso", "utc_now"]
+__all__ = ["DEFAULT_TENANT", "MODEL_ACTIONS", "NO_ACTOR", "TENANT_PATTERN", "Actor", "ApiKey", "AuditEntry", "Change",
+           "Conflict", "Embeddings", "Face", "GalleryStore", "Identity", "ModelKey", "ModelState", "NewFace",
+           "NotFound", "SCHEMA_VERSION", "SQLiteStore", "ShadowCounts", "SqlStore", "check_tenant", "new_identity_id",
+           "utc_iso", "utc_now"]

@@ -1,7 +1,9 @@
 """The gallery's store of record: its records and ``GalleryStore``, the one interface every store implements.
 
-A store holds identities, their faces (embeddings), API keys (hashes only), an ordered change
-log and an append-only audit log (``AuditEntry``: each write's row commits in the write's own
+A store holds identities, their faces, each face's embeddings (one per model that embedded it, side by
+side: a re-embedding adds the new model's next to the old one's), API keys (hashes only), the model
+pointer (which served model is active, which is the candidate), an ordered change log and an append-only
+audit log (``AuditEntry``: each write's row commits in the write's own
 transaction). Every write is one transaction and is durable when the call returns, so a write the caller saw
 acknowledged survives a crash of the process (kill -9) or of the machine.
 
@@ -89,10 +91,18 @@ class Identity:
 @dataclass(frozen=True)
 class NewFace:
     embedding: np.ndarray  # float32 [D], L2-normalised
-    model: ModelKey
+    model: ModelKey  # the model that made ``embedding``: the face's enrolling model
     crop: bytes | None = None  # the aligned 112x112 crop as PNG, kept only when asked (re-embedding)
     box: list[float] | None = None
     quality: dict[str, float] = field(default_factory=dict)
+    # Embeddings of the same crop by other models (a gateway enrolling while a candidate model exists embeds
+    # with both), stored with the face in the same transaction.
+    also: tuple[tuple[ModelKey, np.ndarray], ...] = ()
+
+    def __post_init__(self) -> None:
+        models = [self.model, *(model for model, _ in self.also)]
+        if len(set(models)) != len(models):  # the store keeps one embedding per (face, model)
+            raise ValueError(f"a face has one embedding per model; got models {', '.join(map(str, models))}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,7 @@ class Face:
     id: int
     identity_id: str
     model: ModelKey
-    dim: int
+    dim: int  # the size of its enrolling model's embedding
     created: str
     has_crop: bool
     box: list[float] | None
@@ -120,7 +130,9 @@ class ApiKey:
 @dataclass(frozen=True)
 class Change:
     seq: int
-    op: str  # identity.create | identity.update | identity.delete | face.add | face.delete | face.reembed
+    # identity.create | identity.update | identity.delete | face.add | face.delete | face.embed (an embedding by
+    # another model was added to the face) | model.switch (the model pointer moved; identity and face None)
+    op: str
     identity_id: str | None
     face_id: int | None
     at: str
@@ -152,8 +164,8 @@ class AuditEntry:
     """One row of the append-only audit log: who did what to which identity, never an image or an embedding.
 
     ``action``: create_identity | update_identity | delete_identity | enroll | delete_face | reembed | expire |
-    rotate_crop_key (writes, recorded in the write's own transaction) | identify | verify (searches, recorded
-    after they answer).
+    rotate_crop_key | model_candidate | model_promote | model_rollback | model_activate (writes, recorded in
+    the write's own transaction) | identify | verify (searches, recorded after they answer).
     ``outcome`` holds counts, ids and decisions only (e.g. ``{"faces": 2}``, ``{"match": true}``).
     """
 
@@ -166,6 +178,34 @@ class AuditEntry:
     outcome: dict[str, Any]
     request_id: str | None
     tenant: str | None = None  # the acting key's tenant; None for the operator's gallery-wide writes (reembed)
+
+
+MODEL_ACTIONS = ("model_candidate", "model_promote", "model_rollback", "model_activate")
+"""The audit actions of a move of the model pointer (``set_model_state``)."""
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """The model pointer: which served model (Triton ``NAME:VERSION``) gateways search with (``active``),
+    which one is being prepared (``candidate``: re-embedded, shadow-scored, then promoted) and which one
+    ``rollback`` returns to (``previous``). ``changed``: when the pointer last moved; ``promoted``: when
+    ``active`` last changed (the start of the old version's grace period). UTC ISO texts."""
+
+    active: ModelKey | None = None
+    candidate: ModelKey | None = None
+    previous: ModelKey | None = None
+    changed: str | None = None
+    promoted: str | None = None
+
+
+@dataclass(frozen=True)
+class ShadowCounts:
+    """Shadow scoring of identify requests by the candidate: how many were scored by both models, how many
+    got the same decision (match or not), and how many the same top-1 identity."""
+
+    total: int = 0
+    same_decision: int = 0
+    same_top1: int = 0
 
 
 Embeddings = tuple[np.ndarray, list[str], list[str], np.ndarray]
@@ -247,24 +287,69 @@ class GalleryStore(abc.ABC):
 
     @abc.abstractmethod
     def load_embeddings(self, model: ModelKey, dim: int) -> Embeddings:
-        """Every face made by ``model``, of every tenant (each face's tenant comes with it)."""
+        """Every face ``model`` embedded, of every tenant (each face's tenant comes with it)."""
 
     @abc.abstractmethod
     def embeddings_of(self, face_ids: Sequence[int], model: ModelKey, dim: int) -> Embeddings:
-        """Like ``load_embeddings`` for just these faces (those still present and made by ``model``)."""
+        """Like ``load_embeddings`` for just these faces (those still present and embedded by ``model``)."""
+
+    @abc.abstractmethod
+    def count_faces(self, tenant: str | None = None) -> int:
+        """Faces of ``tenant``'s identities, or of every tenant (None: the operator's view)."""
 
     @abc.abstractmethod
     def count_faces_by_model(self, tenant: str | None = None) -> dict[ModelKey, int]:
-        """Faces per model: of ``tenant``'s identities, or of every tenant (None: the operator's view)."""
+        """Faces having an embedding by each model (a face counts under every model that embedded it): of
+        ``tenant``'s identities, or of every tenant (None)."""
 
     @abc.abstractmethod
-    def faces_to_reembed(self, model: ModelKey) -> Iterator[tuple[int, bytes]]:
-        """(face id, retained crop PNG) of faces made by another model that kept their crop."""
+    def faces_to_reembed(self, model: ModelKey, after: int = 0, limit: int = 256) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` (face id, retained crop PNG) of faces with an id above ``after`` that ``model`` has
+        not embedded and that kept their crop, by id: a page (the caller loops with ``after`` = the last id), so
+        a large gallery's crops are never in memory together."""
 
     @abc.abstractmethod
-    def replace_embeddings(self, items: Sequence[tuple[int, np.ndarray]], model: ModelKey,
-                           actor: Actor = NO_ACTOR) -> int:
-        """Store new embeddings (made by ``model``) for these faces; return how many faces still existed."""
+    def faces_missing(self, model: ModelKey) -> tuple[int, int]:
+        """Faces without an embedding by ``model``: (those with a retained crop, those without one: they can
+        only be re-enrolled)."""
+
+    @abc.abstractmethod
+    def add_embeddings(self, items: Sequence[tuple[int, np.ndarray]], model: ModelKey,
+                       actor: Actor = NO_ACTOR) -> int:
+        """Store ``model``'s embeddings of these faces next to their other ones, in one transaction; return how
+        many were inserted. A face ``model`` has embedded already keeps its embedding (idempotent, never
+        overwritten); a face deleted meanwhile is skipped. Each insert writes a change ``face.embed``; the
+        call writes one audit row ``reembed``."""
+
+    # -- the model pointer and what decides its moves ------------------------------------------
+
+    @abc.abstractmethod
+    def model_state(self) -> ModelState:
+        """The model pointer (all None before the first ``set_model_state``)."""
+
+    @abc.abstractmethod
+    def set_model_state(self, active: ModelKey | None, candidate: ModelKey | None, previous: ModelKey | None, *,
+                        action: str, actor: Actor = NO_ACTOR, expect: ModelState | None = None) -> ModelState:
+        """Move the pointer, with a change ``model.switch`` and an audit row ``action`` (one of
+        ``MODEL_ACTIONS``). ``expect``: compare-and-set on (active, candidate, previous): when the pointer is
+        no longer there, nothing changes and ``Conflict`` (``model_state_changed``) is raised."""
+
+    @abc.abstractmethod
+    def add_shadow_counts(self, active: ModelKey, candidate: ModelKey, total: int, same_decision: int,
+                          same_top1: int) -> None:
+        """Add a gateway's shadow-scoring counts for (active, candidate) to the totals of every gateway."""
+
+    @abc.abstractmethod
+    def shadow_counts(self, active: ModelKey, candidate: ModelKey) -> ShadowCounts:
+        """The totals for (active, candidate); zeros when none were added."""
+
+    @abc.abstractmethod
+    def report_models_in_use(self, gateway_id: str, models: Sequence[ModelKey]) -> None:
+        """A gateway's heartbeat: the served models (Triton coordinates) it calls now, replacing its last report."""
+
+    @abc.abstractmethod
+    def models_in_use(self, since: str) -> set[ModelKey]:
+        """Every model a gateway reported in a heartbeat at or after ``since`` (UTC ISO)."""
 
     # -- the change feed ------------------------------------------------------------------------
 
@@ -318,7 +403,7 @@ class GalleryStore(abc.ABC):
 
     @abc.abstractmethod
     def vacuum(self) -> None:
-        """Rewrite the face and identity tables so deleted rows leave the database files."""
+        """Rewrite the face, embedding and identity tables so deleted rows leave the database files."""
 
     # -- API keys (hashes only) -----------------------------------------------------------------
 

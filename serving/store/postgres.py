@@ -92,15 +92,18 @@ class PostgresStore(SqlStore):
         db.execute("ALTER TABLE identities DROP CONSTRAINT IF EXISTS identities_external_id_key")
 
     def vacuum(self) -> None:
-        """VACUUM FULL faces and identities (their TOAST tables too): new files without the deleted rows.
+        """VACUUM FULL faces, face_embeddings and identities (their TOAST tables too): new files without the
+        deleted rows.
 
         A DELETE leaves the row in the table's file until VACUUM; plain VACUUM only marks the space free.
+        So does the migration to schema 3 with the embeddings it moved out of ``faces`` (DROP COLUMN only
+        hides them): run ``cdface gallery vacuum`` once after it.
         VACUUM FULL holds an ACCESS EXCLUSIVE lock on each table while it copies it: every request that reads
         or writes that table waits until it is done (seconds for a table of some 100,000 faces).
         """
         with self._lock:
             db = self._connection()  # autocommit: VACUUM cannot run in a transaction
-            for table in ("faces", "identities"):
+            for table in ("faces", "face_embeddings", "identities"):
                 db.execute(f"VACUUM FULL {table}")
 
     def _notify(self, db: psycopg.Connection, seq: int) -> None:

@@ -4,7 +4,8 @@
 (``SQLiteStore``, ``PostgresStore``) supplies only what differs between the two databases:
 
 - the parameter placeholder (queries here are written with ``?``), and the column types of an
-  auto-incremented key that is never reused, of a blob and of a 64-bit integer;
+  auto-incremented key that is never reused, of a blob and of a 64-bit integer (upserts are
+  ``INSERT ... ON CONFLICT``, which both databases speak alike);
 - how to learn an inserted row's key (``lastrowid`` or ``RETURNING``), and ``column IN (...)``;
 - ``byte_order``, the collation that makes text compare byte by byte (cursors page alike on both);
 - the exception a unique constraint raises, and the driver's base exception;
@@ -19,6 +20,10 @@ Tenants (``cdface.serving.store.base``): every query a request reaches names the
 ``identities.tenant = ?`` or, for faces, through their identity's row; another tenant's identity
 is not found, with the same answer as an id that never existed. Operator queries (embeddings for
 an index, re-embedding, counts) span every tenant.
+
+Embeddings live in ``face_embeddings``, one row per (face, model), next to each other: enrolment
+writes the enrolling model's (and a candidate's, ``NewFace.also``), re-embedding adds another
+model's and never touches the existing rows; deleting a face deletes its rows (ON DELETE CASCADE).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from cdface.serving.crop_cipher import CropCipher, CropKeyError, key_id_of
 from cdface.serving.errors import Conflict, InvalidRequest, NotFound
 from cdface.serving.store.base import (
     DEFAULT_TENANT,
+    MODEL_ACTIONS,
     NO_ACTOR,
     Actor,
     ApiKey,
@@ -47,14 +53,16 @@ from cdface.serving.store.base import (
     GalleryStore,
     Identity,
     ModelKey,
+    ModelState,
     NewFace,
+    ShadowCounts,
     new_identity_id,
     utc_now,
 )
 
-SCHEMA_VERSION = 2
-# The tables as a new gallery gets them. A gallery made by an older cdface is brought here by
-# ``MIGRATIONS`` (and the dialect's ``_migrate_identities``), in the same transaction.
+SCHEMA_VERSION = 3
+# The tables as a new gallery gets them. A gallery made by an older cdface is brought here step by
+# step (``SqlStore._migrate``), in the same transaction.
 SCHEMA = Template("""
 CREATE TABLE IF NOT EXISTS identities (
     id TEXT PRIMARY KEY,
@@ -68,8 +76,6 @@ CREATE TABLE IF NOT EXISTS identities (
 CREATE TABLE IF NOT EXISTS faces (
     id $serial_key,
     identity_id TEXT NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
-    embedding $blob NOT NULL,
-    dim INTEGER NOT NULL,
     model_name TEXT NOT NULL,
     model_version INTEGER NOT NULL,
     created TEXT NOT NULL,
@@ -106,27 +112,79 @@ CREATE TABLE IF NOT EXISTS audit_log (
     tenant TEXT
 );
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+$version_3
+""")
+# Added by version 3 (model lifecycle): embeddings per (face, model); the model pointer (one row, id 1);
+# shadow-scoring totals per (active, candidate); the served models each gateway last reported.
+VERSION_3_TABLES = Template("""
+CREATE TABLE IF NOT EXISTS face_embeddings (
+    face_id $int64 NOT NULL REFERENCES faces(id) ON DELETE CASCADE,
+    model_name TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    dim INTEGER NOT NULL,
+    embedding $blob NOT NULL,
+    created TEXT NOT NULL,
+    PRIMARY KEY (face_id, model_name, model_version)
+);
+CREATE TABLE IF NOT EXISTS model_state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    active_name TEXT,
+    active_version INTEGER,
+    candidate_name TEXT,
+    candidate_version INTEGER,
+    previous_name TEXT,
+    previous_version INTEGER,
+    changed TEXT,
+    promoted TEXT
+);
+CREATE TABLE IF NOT EXISTS shadow_counts (
+    active_name TEXT NOT NULL,
+    active_version INTEGER NOT NULL,
+    candidate_name TEXT NOT NULL,
+    candidate_version INTEGER NOT NULL,
+    total $int64 NOT NULL DEFAULT 0,
+    same_decision $int64 NOT NULL DEFAULT 0,
+    same_top1 $int64 NOT NULL DEFAULT 0,
+    PRIMARY KEY (active_name, active_version, candidate_name, candidate_version)
+);
+CREATE TABLE IF NOT EXISTS gateway_heartbeats (
+    gateway_id TEXT PRIMARY KEY,
+    models TEXT NOT NULL DEFAULT '[]',
+    at TEXT NOT NULL
+);
+INSERT INTO model_state (id) SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM model_state)
 """)
 # Indexes, made after the tables (new or migrated) have every column they name.
 INDEXES = """
 CREATE UNIQUE INDEX IF NOT EXISTS identities_tenant_external_id ON identities(tenant, external_id);
 CREATE INDEX IF NOT EXISTS faces_identity ON faces(identity_id);
 CREATE INDEX IF NOT EXISTS faces_model ON faces(model_name, model_version);
+CREATE INDEX IF NOT EXISTS face_embeddings_model ON face_embeddings(model_name, model_version, face_id);
 CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log(at)
 """
 # Version 1 -> 2: tenants (identities, keys and audit rows belong to one; external ids are unique
 # per tenant) and a face's last match time (the retention policy). Rows from version 1 belong to
 # the tenant "default". The identities table changes its unique constraint, which each dialect
 # does its own way (``_migrate_identities``).
+# Version 2 -> 3: the version-3 tables; every face's one embedding moves (bit for bit) to
+# face_embeddings under the model that made it, and faces loses its embedding and dim columns.
 MIGRATIONS = {
     1: ("ALTER TABLE api_keys ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'",
         "ALTER TABLE faces ADD COLUMN last_seen TEXT",
         "ALTER TABLE audit_log ADD COLUMN tenant TEXT"),
+    2: ("$version_3",
+        "INSERT INTO face_embeddings (face_id, model_name, model_version, dim, embedding, created) "
+        "SELECT id, model_name, model_version, dim, embedding, created FROM faces",
+        "ALTER TABLE faces DROP COLUMN embedding",
+        "ALTER TABLE faces DROP COLUMN dim"),
 }
 
 _IDENTITY = ("SELECT i.id, i.external_id, i.name, i.metadata, i.created, i.updated, "
              "(SELECT COUNT(*) FROM faces f WHERE f.identity_id = i.id) FROM identities i")
-_FACE = "SELECT id, identity_id, model_name, model_version, dim, created, crop IS NOT NULL, box, quality FROM faces"
+# A face with the size of its enrolling model's embedding (0 if that one is gone: not written by cdface).
+_FACE = ("SELECT f.id, f.identity_id, f.model_name, f.model_version, COALESCE(e.dim, 0), f.created, "
+         "f.crop IS NOT NULL, f.box, f.quality FROM faces f LEFT JOIN face_embeddings e ON e.face_id = f.id "
+         "AND e.model_name = f.model_name AND e.model_version = f.model_version")
 _KEY = "SELECT id, name, scopes, created, revoked, tenant FROM api_keys"
 _UPDATABLE = ("external_id", "name", "metadata")
 _AUDIT = "SELECT id, at, key_id, action, identity_id, face_ids, outcome, request_id, tenant FROM audit_log"
@@ -145,6 +203,18 @@ def _face(row: tuple) -> Face:
 
 def _key(row: tuple) -> ApiKey:
     return ApiKey(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5])
+
+
+def _model(name: str | None, version: int | None) -> ModelKey | None:
+    return None if name is None else ModelKey(name, int(version))  # type: ignore[arg-type]
+
+
+def _model_columns(model: ModelKey | None) -> tuple[str | None, int | None]:
+    return (None, None) if model is None else (model.name, model.version)
+
+
+def _model_text(model: ModelKey | None) -> str | None:
+    return None if model is None else str(model)
 
 
 def _audit_entry(row: tuple) -> AuditEntry:
@@ -236,16 +306,28 @@ class SqlStore(GalleryStore):
         with self._transaction("schema") as db:
             version = self._schema_version(db)
             if version is None:
-                self._script(db, SCHEMA.substitute(serial_key=self.serial_key, blob=self.blob, int64=self.int64))
+                self._script(db, self._ddl(SCHEMA))
                 self._run(db, "INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-            elif version in MIGRATIONS:
-                self._migrate_identities(db)
-                self._script(db, ";".join(MIGRATIONS[version]))
+            elif version < SCHEMA_VERSION and version in MIGRATIONS:
+                while version < SCHEMA_VERSION:  # 1 -> 2 -> 3: each step from the tables the previous one left
+                    self._migrate(db, version)
+                    version += 1
                 self._run(db, "UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             elif version != SCHEMA_VERSION:
                 raise CdfaceError(f"gallery {self.where} has schema version {version}; this cdface reads "
                                   f"{SCHEMA_VERSION} (and migrates {', '.join(map(str, MIGRATIONS))})")
             self._script(db, INDEXES)
+
+    def _ddl(self, template: Template) -> str:
+        """``template`` with the dialect's column types (and the version-3 tables where it says ``$version_3``)."""
+        types = {"serial_key": self.serial_key, "blob": self.blob, "int64": self.int64}
+        return template.substitute(types, version_3=VERSION_3_TABLES.substitute(types))
+
+    def _migrate(self, db: Any, version: int) -> None:
+        """One step: the gallery's tables from schema ``version`` to ``version + 1``."""
+        if version == 1:
+            self._migrate_identities(db)
+        self._script(db, ";".join(self._ddl(Template(statement)) for statement in MIGRATIONS[version]))
 
     def _script(self, db: Any, statements: str) -> None:
         for statement in statements.split(";"):
@@ -389,21 +471,31 @@ class SqlStore(GalleryStore):
         for face in faces:
             vector, now = _vector(face.embedding), utc_now()
             face_id = self._insert(
-                db, "INSERT INTO faces (identity_id, embedding, dim, model_name, model_version, created, crop, "
-                    "box, quality) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (identity_id, vector.tobytes(), int(vector.size), face.model.name, face.model.version, now,
-                 self._seal_crop(identity_id, face.crop), json.dumps(face.box) if face.box is not None else None,
-                 json.dumps(face.quality)),
+                db, "INSERT INTO faces (identity_id, model_name, model_version, created, crop, box, quality) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (identity_id, face.model.name, face.model.version, now, self._seal_crop(identity_id, face.crop),
+                 json.dumps(face.box) if face.box is not None else None, json.dumps(face.quality)),
                 "id")
+            for model, embedding in ((face.model, vector), *face.also):
+                self._insert_embedding(db, face_id, model, _vector(embedding), now)
             self._log(db, "face.add", identity_id, face_id)
             out.append(Face(face_id, identity_id, face.model, int(vector.size), now, face.crop is not None,
                             face.box, dict(face.quality)))
         return out
 
+    def _insert_embedding(self, db: Any, face_id: int, model: ModelKey, vector: np.ndarray, now: str) -> bool:
+        """Insert ``model``'s embedding of the face unless it has one already (kept: never overwritten);
+        True when it was inserted."""
+        inserted = self._run(db, "INSERT INTO face_embeddings (face_id, model_name, model_version, dim, embedding, "
+                                 "created) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (face_id, model_name, model_version) "
+                                 "DO NOTHING",
+                             (face_id, model.name, model.version, int(vector.size), vector.tobytes(), now)).rowcount
+        return inserted > 0
+
     def list_faces(self, identity_id: str, limit: int | None = None, after: int | None = None, *,
                    tenant: str = DEFAULT_TENANT) -> list[Face]:
         self.get_identity(identity_id, tenant=tenant)
-        sql, args = _FACE + " WHERE identity_id = ? AND id > ? ORDER BY id", [identity_id, after or 0]
+        sql, args = _FACE + " WHERE f.identity_id = ? AND f.id > ? ORDER BY f.id", [identity_id, after or 0]
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
@@ -430,20 +522,22 @@ class SqlStore(GalleryStore):
             self._audit(db, actor, "delete_face", identity_id, [face_id])
 
     def face_embeddings(self, identity_id: str, model: ModelKey, *, tenant: str = DEFAULT_TENANT) -> np.ndarray:
-        rows = self._read(f"SELECT embedding FROM faces WHERE identity_id = ? AND model_name = ? AND model_version = ? "
-                          f"AND {_IN_TENANT} ORDER BY id", (identity_id, model.name, model.version, tenant))
+        rows = self._read(f"SELECT e.embedding FROM face_embeddings e JOIN faces f ON f.id = e.face_id "
+                          f"WHERE f.identity_id = ? AND e.model_name = ? AND e.model_version = ? AND f.{_IN_TENANT} "
+                          f"ORDER BY e.face_id", (identity_id, model.name, model.version, tenant))
         if not rows:
             return np.zeros((0, 0), np.float32)
         return np.stack([np.frombuffer(bytes(r[0]), dtype=np.float32) for r in rows])
 
     def _embeddings(self, model: ModelKey, dim: int, face_ids: Sequence[int] | None = None) -> Embeddings:
-        condition = "f.model_name = ? AND f.model_version = ? AND f.dim = ?"
+        condition = "e.model_name = ? AND e.model_version = ? AND e.dim = ?"
         args: tuple = (model.name, model.version, dim)
         if face_ids is not None:
-            among, ids = self._in("f.id", [int(i) for i in face_ids])
+            among, ids = self._in("e.face_id", [int(i) for i in face_ids])
             condition, args = f"{among} AND {condition}", ids + args
-        rows = self._read(f"SELECT f.id, f.identity_id, i.tenant, f.embedding FROM faces f "
-                          f"JOIN identities i ON i.id = f.identity_id WHERE {condition} ORDER BY f.id", args)
+        rows = self._read(f"SELECT e.face_id, f.identity_id, i.tenant, e.embedding FROM face_embeddings e "
+                          f"JOIN faces f ON f.id = e.face_id JOIN identities i ON i.id = f.identity_id "
+                          f"WHERE {condition} ORDER BY e.face_id", args)
         ids_out = np.asarray([r[0] for r in rows], dtype=np.int64)
         matrix = np.frombuffer(b"".join(bytes(r[3]) for r in rows), dtype=np.float32).reshape(len(rows), dim) \
             if rows else np.zeros((0, dim), np.float32)
@@ -457,39 +551,124 @@ class SqlStore(GalleryStore):
             return np.zeros(0, np.int64), [], [], np.zeros((0, dim), np.float32)
         return self._embeddings(model, dim, face_ids)
 
+    def count_faces(self, tenant: str | None = None) -> int:
+        if tenant is None:
+            return int(self._read("SELECT COUNT(*) FROM faces")[0][0])
+        return int(self._read(f"SELECT COUNT(*) FROM faces WHERE {_IN_TENANT}", (tenant,))[0][0])
+
     def count_faces_by_model(self, tenant: str | None = None) -> dict[ModelKey, int]:
         if tenant is None:
-            rows = self._read("SELECT model_name, model_version, COUNT(*) FROM faces GROUP BY model_name, "
-                              "model_version")
+            rows = self._read("SELECT model_name, model_version, COUNT(*) FROM face_embeddings "
+                              "GROUP BY model_name, model_version")
         else:
-            rows = self._read("SELECT f.model_name, f.model_version, COUNT(*) FROM faces f JOIN identities i ON "
-                              "i.id = f.identity_id WHERE i.tenant = ? GROUP BY f.model_name, f.model_version",
-                              (tenant,))
+            rows = self._read(f"SELECT e.model_name, e.model_version, COUNT(*) FROM face_embeddings e "
+                              f"JOIN faces f ON f.id = e.face_id WHERE f.{_IN_TENANT} "
+                              f"GROUP BY e.model_name, e.model_version", (tenant,))
         return {ModelKey(r[0], int(r[1])): int(r[2]) for r in rows}
 
-    def faces_to_reembed(self, model: ModelKey) -> Iterator[tuple[int, bytes]]:
-        rows = self._read("SELECT id FROM faces WHERE crop IS NOT NULL AND NOT (model_name = ? AND model_version = ?) "
-                          "ORDER BY id", (model.name, model.version))
-        for (face_id,) in rows:  # one crop at a time: a large gallery's crops never sit in memory together
-            found = self._read("SELECT crop, identity_id FROM faces WHERE id = ?", (face_id,))
-            if found:
-                yield int(face_id), self._open_crop(found[0][1], int(face_id), bytes(found[0][0]))
+    # A face ``model`` has not embedded (the primary key of face_embeddings answers it).
+    _NOT_EMBEDDED = ("NOT EXISTS (SELECT 1 FROM face_embeddings e WHERE e.face_id = f.id AND e.model_name = ? "
+                     "AND e.model_version = ?)")
 
-    def replace_embeddings(self, items: Sequence[tuple[int, np.ndarray]], model: ModelKey,
-                           actor: Actor = NO_ACTOR) -> int:
-        done = 0
+    def faces_to_reembed(self, model: ModelKey, after: int = 0, limit: int = 256) -> list[tuple[int, bytes]]:
+        rows = self._read(f"SELECT f.id, f.identity_id, f.crop FROM faces f WHERE f.id > ? AND f.crop IS NOT NULL "
+                          f"AND {self._NOT_EMBEDDED} ORDER BY f.id LIMIT ?",
+                          (int(after), model.name, model.version, int(limit)))
+        return [(int(face_id), self._open_crop(identity_id, int(face_id), bytes(crop)))
+                for face_id, identity_id, crop in rows]
+
+    def faces_missing(self, model: ModelKey) -> tuple[int, int]:
+        row = self._read(f"SELECT COUNT(f.crop), COUNT(*) FROM faces f WHERE {self._NOT_EMBEDDED}",
+                         (model.name, model.version))[0]
+        with_crop, total = int(row[0]), int(row[1])  # COUNT(column) counts the non-null crops
+        return with_crop, total - with_crop
+
+    def add_embeddings(self, items: Sequence[tuple[int, np.ndarray]], model: ModelKey,
+                       actor: Actor = NO_ACTOR) -> int:
+        inserted, now = 0, utc_now()
         with self._transaction() as db:
+            owners: dict[int, str] = {}
+            ids = [int(face_id) for face_id, _ in items]
+            for start in range(0, len(ids), 500):  # SQLite bounds the parameters of one statement
+                among, args = self._in("id", ids[start:start + 500])
+                owners.update((int(r[0]), r[1]) for r in self._run(db, f"SELECT id, identity_id FROM faces WHERE "
+                                                                       f"{among}", args).fetchall())
             for face_id, embedding in items:
-                vector = _vector(embedding)
-                updated = self._run(db, "UPDATE faces SET embedding = ?, dim = ?, model_name = ?, model_version = ? "
-                                        "WHERE id = ?", (vector.tobytes(), int(vector.size), model.name, model.version,
-                                                         int(face_id))).rowcount
-                if updated:
-                    owner = self._run(db, "SELECT identity_id FROM faces WHERE id = ?", (int(face_id),)).fetchone()[0]
-                    self._log(db, "face.reembed", owner, int(face_id))
-                    done += 1
-            self._audit(db, actor, "reembed", None, outcome={"faces": done, "model": str(model)}, gallery_wide=True)
-        return done
+                owner = owners.get(int(face_id))
+                if owner is not None and self._insert_embedding(db, int(face_id), model, _vector(embedding), now):
+                    self._log(db, "face.embed", owner, int(face_id))
+                    inserted += 1
+            self._audit(db, actor, "reembed", None, outcome={"model": str(model), "faces": inserted},
+                        gallery_wide=True)
+        return inserted
+
+    # -- the model pointer, shadow counts, heartbeats -------------------------------------------
+
+    def model_state(self) -> ModelState:
+        rows = self._read("SELECT active_name, active_version, candidate_name, candidate_version, previous_name, "
+                          "previous_version, changed, promoted FROM model_state WHERE id = 1")
+        if not rows:
+            return ModelState()
+        r = rows[0]
+        return ModelState(_model(r[0], r[1]), _model(r[2], r[3]), _model(r[4], r[5]), r[6], r[7])
+
+    def set_model_state(self, active: ModelKey | None, candidate: ModelKey | None, previous: ModelKey | None, *,
+                        action: str, actor: Actor = NO_ACTOR, expect: ModelState | None = None) -> ModelState:
+        if action not in MODEL_ACTIONS:
+            raise ValueError(f"unknown model pointer action {action!r}; one of {', '.join(MODEL_ACTIONS)}")
+        with self._transaction() as db:
+            # Read under the writers' lock: no other write can move the pointer between the check and the update.
+            current = self.model_state()
+            if expect is not None and (current.active, current.candidate, current.previous) != \
+                    (expect.active, expect.candidate, expect.previous):
+                raise Conflict(f"the model pointer changed meanwhile (active {_model_text(current.active)}, "
+                               f"candidate {_model_text(current.candidate)}); read it again and retry",
+                               code="model_state_changed")
+            now = utc_now()
+            promoted = now if active != current.active else current.promoted
+            self._run(db, "UPDATE model_state SET active_name = ?, active_version = ?, candidate_name = ?, "
+                          "candidate_version = ?, previous_name = ?, previous_version = ?, changed = ?, promoted = ? "
+                          "WHERE id = 1",
+                      (*_model_columns(active), *_model_columns(candidate), *_model_columns(previous), now, promoted))
+            self._log(db, "model.switch", None)
+            self._audit(db, actor, action, None, outcome={"active": _model_text(active),
+                                                          "candidate": _model_text(candidate),
+                                                          "previous": _model_text(previous)}, gallery_wide=True)
+        return ModelState(active, candidate, previous, now, promoted)
+
+    def add_shadow_counts(self, active: ModelKey, candidate: ModelKey, total: int, same_decision: int,
+                          same_top1: int) -> None:
+        with self._transaction() as db:
+            self._run(db, "INSERT INTO shadow_counts (active_name, active_version, candidate_name, candidate_version, "
+                          "total, same_decision, same_top1) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                          "ON CONFLICT (active_name, active_version, candidate_name, candidate_version) DO UPDATE SET "
+                          "total = shadow_counts.total + excluded.total, "
+                          "same_decision = shadow_counts.same_decision + excluded.same_decision, "
+                          "same_top1 = shadow_counts.same_top1 + excluded.same_top1",
+                      (active.name, active.version, candidate.name, candidate.version, int(total), int(same_decision),
+                       int(same_top1)))
+
+    def shadow_counts(self, active: ModelKey, candidate: ModelKey) -> ShadowCounts:
+        rows = self._read("SELECT total, same_decision, same_top1 FROM shadow_counts WHERE active_name = ? AND "
+                          "active_version = ? AND candidate_name = ? AND candidate_version = ?",
+                          (active.name, active.version, candidate.name, candidate.version))
+        return ShadowCounts(*(int(n) for n in rows[0])) if rows else ShadowCounts()
+
+    def report_models_in_use(self, gateway_id: str, models: Sequence[ModelKey]) -> None:
+        listed = json.dumps(sorted({str(m) for m in models}))
+        with self._transaction() as db:
+            self._run(db, "INSERT INTO gateway_heartbeats (gateway_id, models, at) VALUES (?, ?, ?) "
+                          "ON CONFLICT (gateway_id) DO UPDATE SET models = excluded.models, at = excluded.at",
+                      (gateway_id, listed, utc_now()))
+
+    def models_in_use(self, since: str) -> set[ModelKey]:
+        rows = self._read(f"SELECT models FROM gateway_heartbeats WHERE at{self.byte_order} >= ?", (since,))
+        used = set()
+        for (listed,) in rows:
+            for text in json.loads(listed):
+                name, _, version = text.rpartition(":")
+                used.add(ModelKey(name, int(version)))
+        return used
 
     # -- the change feed ------------------------------------------------------------------------
 
@@ -665,7 +844,7 @@ class SqlStore(GalleryStore):
 
     @abc.abstractmethod
     def vacuum(self) -> None:
-        """Rewrite the tables that hold faces and identities so deleted rows leave the database files."""
+        """Rewrite the tables of faces, their embeddings and identities so deleted rows leave the database files."""
 
     # -- API keys -------------------------------------------------------------------------------
 

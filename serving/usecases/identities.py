@@ -10,20 +10,25 @@ like one that does not exist (``unknown_identity``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from anyio import to_thread
 
 from cdface.core.imaging import encode_png
-from cdface.serving.errors import InvalidRequest
+from cdface.serving.errors import InvalidRequest, ServingError
+from cdface.serving.gallery import Mirrors
 from cdface.serving.metrics import stage, timed
 from cdface.serving.store import DEFAULT_TENANT, NO_ACTOR, Actor, Face, Identity
 from cdface.serving.usecases.images import FoundFace, ImageIn, embed_faces, enrollable, find_faces
 
 if TYPE_CHECKING:
-    from cdface.serving.service import FaceService
+    from cdface.serving.service import FaceService, ServedModel
+
+log = logging.getLogger("cdface.serving.identities")
 
 
 @dataclass(frozen=True)
@@ -58,13 +63,14 @@ async def create_identity(service: FaceService, external_id: str | None, name: s
                                                         name, metadata, actor), [])
     retain = keep_crops(service, retain_crop)  # refused before any inference
     found = await _enrollable_faces(service, images)
-    vectors = await embed_faces(service.embedder, found)
+    model, vectors, also = await _embeddings(service, found)
 
     def store() -> tuple[Identity, list[Face]]:
         crops = _retained_crops(found, retain)
         with stage("store"):
-            return service.gallery.create_identity(external_id, name, metadata, vectors, crops,
-                                                   [f.face.box for f in found], [f.face.quality for f in found], actor)
+            return model.gallery.create_identity(external_id, name, metadata, vectors, crops,
+                                                 [f.face.box for f in found], [f.face.quality for f in found], actor,
+                                                 also)
 
     identity, faces = await to_thread.run_sync(store)
     return CreatedIdentity(identity, faces)
@@ -97,8 +103,9 @@ def update_identity(service: FaceService, identity_id: str, changes: dict[str, A
 
 def delete_identity(service: FaceService, identity_id: str, actor: Actor = NO_ACTOR) -> None:
     """Delete the identity and all its faces; erased from search before this returns."""
+    model = service.active
     with stage("store"):
-        service.gallery.delete_identity(identity_id, actor)
+        model.gallery.delete_identity(identity_id, actor, also=service.others(model))
 
 
 async def enroll(service: FaceService, identity_id: str, images: list[ImageIn], retain_crop: bool | None,
@@ -108,15 +115,34 @@ async def enroll(service: FaceService, identity_id: str, images: list[ImageIn], 
     await to_thread.run_sync(timed("store", partial(service.store.get_identity, tenant=actor.tenant)), identity_id)
     retain = keep_crops(service, retain_crop)
     found = await _enrollable_faces(service, images)
-    vectors = await embed_faces(service.embedder, found)
+    model, vectors, also = await _embeddings(service, found)
 
     def store() -> list[Face]:
         crops = _retained_crops(found, retain)
         with stage("store"):
-            return service.gallery.enroll(identity_id, vectors, crops, [f.face.box for f in found],
-                                          [f.face.quality for f in found], actor)
+            return model.gallery.enroll(identity_id, vectors, crops, [f.face.box for f in found],
+                                        [f.face.quality for f in found], actor, also)
 
     return await to_thread.run_sync(store)
+
+
+async def _embeddings(service: FaceService, found: list[FoundFace]) -> tuple[ServedModel, np.ndarray, Mirrors]:
+    """The faces embedded by the active model and, while there is one, by the candidate model too.
+
+    The candidate's embeddings are stored beside the active's, so faces enrolled during an upgrade need
+    no re-embedding. A candidate that cannot answer does not fail the enrolment: its embeddings are then
+    made later from the retained crop (``cdface gallery reembed``), and coverage says so until then.
+    """
+    model, candidate = service.active, service.candidate
+    vectors = await embed_faces(model.embedder, found)
+    if candidate is None or candidate is model:
+        return model, vectors, ()
+    try:
+        return model, vectors, ((candidate.gallery, await embed_faces(candidate.embedder, found)),)
+    except ServingError as exc:
+        log.warning("enrolment: the candidate model %s did not embed (%s); re-embedding will", candidate.ref,
+                    type(exc).__name__)
+        return model, vectors, ()
 
 
 async def _enrollable_faces(service: FaceService, images: list[ImageIn]) -> list[FoundFace]:
@@ -167,5 +193,6 @@ def face_crop(service: FaceService, identity_id: str, face_id: int, tenant: str 
 
 def delete_face(service: FaceService, identity_id: str, face_id: int, actor: Actor = NO_ACTOR) -> None:
     """Delete one face; erased from search before this returns."""
+    model = service.active
     with stage("store"):
-        service.gallery.delete_face(identity_id, face_id, actor)
+        model.gallery.delete_face(identity_id, face_id, actor, also=service.others(model))

@@ -1,10 +1,12 @@
-"""Gallery maintenance from the command line: what the store holds, and re-embedding after a model change."""
+"""Gallery maintenance from the command line: what the store holds, and re-embedding for another model."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from cdface.core.imaging import decode_image
 from cdface.serving.store import GalleryStore, ModelKey
@@ -14,32 +16,56 @@ from cdface.serving.usecases.images import embed_crops
 
 @dataclass(frozen=True)
 class Census:
-    faces_by_model: dict[str, int]
+    faces_total: int
+    faces_by_model: dict[str, int]  # faces each model has embedded ("name:version"; a face counts under each)
+    active: str | None  # the model pointer (Triton "name:version")
+    candidate: str | None
+    previous: str | None
+    promoted: str | None  # when the active model last changed (UTC ISO)
     last_change: int  # the change log's newest seq
 
 
 def census(store: GalleryStore) -> Census:
-    return Census({str(k): v for k, v in store.count_faces_by_model().items()}, store.last_seq())
+    state = store.model_state()
+    by_model = {str(model): n for model, n in store.count_faces_by_model().items()}
+    return Census(store.count_faces(), dict(sorted(by_model.items())), _text(state.active), _text(state.candidate),
+                  _text(state.previous), state.promoted, store.last_seq())
+
+
+def _text(model: ModelKey | None) -> str | None:
+    return None if model is None else str(model)
 
 
 @dataclass(frozen=True)
 class Reembedded:
-    model: str
-    reembedded: int
-    need_reenrolment: int  # faces of other models left: enrolled without a retained crop
+    model: str  # the embeddings' model (the manifest's "name:version")
+    reembedded: int  # embeddings this run added
+    need_reenrolment: int  # faces still without the model's embedding and without a retained crop
+    coverage: float  # faces the model has embedded / faces in the gallery (1.0 for an empty gallery)
+    faces_total: int
 
 
-async def reembed(store: GalleryStore, embedder: TritonEmbedder, target: ModelKey, batch: int = 32) -> Reembedded:
-    """Recompute every face made by another model from its retained crop, with ``target`` (``embedder``'s model).
+async def reembed(store: GalleryStore, embedder: TritonEmbedder, target_key: ModelKey, batch: int = 32,
+                  progress: bool = True) -> Reembedded:
+    """Embed, with ``embedder`` (whose model's embeddings are keyed ``target_key``), every face's retained crop
+    that ``target_key`` has not embedded yet; the faces' other embeddings stay as they are.
 
-    Each batch is one store transaction; gateways following the change log pick the new embeddings up.
+    Streams: one page of ``batch`` crops at a time from the store (``faces_to_reembed``), one Triton call and
+    one store transaction (``add_embeddings``) per page, so memory does not grow with the gallery. A run that
+    stops (killed, Triton down) keeps every page it committed; the next run finds only the faces still
+    missing, and a face embedded meanwhile by a gateway keeps that embedding (inserts are idempotent).
+    ``progress``: a bar on stderr with faces/s and the time left.
     """
-    done = 0
-    pending = list(store.faces_to_reembed(target))
-    for i in range(0, len(pending), batch):
-        chunk = pending[i:i + batch]
-        crops = np.stack([decode_image(png, what=f"retained crop of face {face_id}") for face_id, png in chunk])
-        vectors = await embed_crops(embedder, crops)
-        done += store.replace_embeddings([(face_id, v) for (face_id, _), v in zip(chunk, vectors)], target)
-    left = sum(n for model, n in store.count_faces_by_model().items() if model != target)
-    return Reembedded(str(target), done, left)
+    done, cursor = 0, 0
+    with tqdm(total=store.faces_missing(target_key)[0], unit="face", desc=f"re-embedding for {target_key}",
+              file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+        while page := store.faces_to_reembed(target_key, after=cursor, limit=batch):
+            crops = np.stack([decode_image(png, what=f"the retained crop of face {face_id}") for face_id, png in page])
+            vectors = await embed_crops(embedder, crops)
+            done += store.add_embeddings([(face_id, v) for (face_id, _), v in zip(page, vectors)], target_key)
+            cursor = page[-1][0]
+            bar.update(len(page))
+    total = store.count_faces()
+    covered = store.count_faces_by_model().get(target_key, 0)
+    return Reembedded(str(target_key), done, store.faces_missing(target_key)[1],
+                      covered / total if total else 1.0, total)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from anyio import to_thread
 
 from cdface.serving.gallery import GalleryStatus, SyncLag
+from cdface.serving.shadow import Agreement, Pair
 
 if TYPE_CHECKING:
     from cdface.serving.service import FaceService
@@ -61,10 +62,13 @@ def _store_state(service: FaceService) -> tuple[bool, SyncLag | None]:
 class Gauges:
     faces_indexed: int
     breaker_open: bool  # the Triton client's circuit breaker is not closed
+    active: str  # the Triton model:version answering now
+    shadow: dict[Pair, Agreement]  # shadow-mode counts since start, per (active, candidate)
 
 
 def gauges(service: FaceService) -> Gauges:
-    return Gauges(service.gallery.faces_indexed, service.embedder.breaker_open)
+    model = service.active
+    return Gauges(model.gallery.faces_indexed, model.embedder.breaker_open, str(model.ref), service.shadow.totals())
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ picked the manifest's thresholds with.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Sequence
@@ -23,8 +26,12 @@ from cdface.serving.metrics import timed
 from cdface.serving.store import NO_ACTOR, Actor, Identity
 from cdface.serving.usecases.images import FoundFace, ImageIn, embed_faces, find_faces
 
+log = logging.getLogger("cdface.serving.recognition")
+
 if TYPE_CHECKING:
-    from cdface.serving.service import FaceService
+    from cdface.core.manifest import ModelManifest
+    from cdface.serving.service import FaceService, ServedModel
+    from cdface.serving.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -39,18 +46,19 @@ class Decision:
         return bool(is_match(similarity, self.threshold))
 
 
-def decide(service: FaceService, far: float | None) -> Decision:
-    """The decision for a request asking for ``far`` (None: the server's FAR).
+def decide(settings: Settings, manifest: ModelManifest, far: float | None) -> Decision:
+    """The decision for a request asking for ``far`` (None: the server's FAR), with the thresholds of the
+    model that answers it (``manifest``): the threshold switches with the model.
 
     A client may make decisions stricter, never looser than the server's floor (``threshold_floor``,
     by default the server's own threshold): a looser FAR is refused, not clamped, so the caller
     never believes it got a decision it did not get.
     """
-    decision = _decision_at(service, far)
+    decision = _decision_at(settings, manifest, far)
     if far is not None:
-        floor = service.settings.threshold_floor
+        floor = settings.threshold_floor
         if floor is None:
-            floor = _decision_at(service, None).threshold
+            floor = _decision_at(settings, manifest, None).threshold
         if decision.threshold < floor:
             raise InvalidRequest(f"FAR {far:g} means a threshold of {decision.threshold:.4f}, below this server's "
                                  f"floor of {floor:.4f}; ask for a lower FAR or omit 'far'",
@@ -58,8 +66,8 @@ def decide(service: FaceService, far: float | None) -> Decision:
     return decision
 
 
-def _decision_at(service: FaceService, far: float | None) -> Decision:
-    settings, evaluation = service.settings, service.manifest.evaluation
+def _decision_at(settings: Settings, manifest: ModelManifest, far: float | None) -> Decision:
+    evaluation = manifest.evaluation
     wanted = settings.far if far is None else far
     if evaluation is not None:
         try:
@@ -75,6 +83,7 @@ def _decision_at(service: FaceService, far: float | None) -> Decision:
 
 @dataclass(frozen=True)
 class EmbeddedFaces:
+    model: ServedModel  # the model that made the embeddings
     faces: list[FoundFace]
     vectors: np.ndarray  # float32 [len(faces), D], L2-normalised
 
@@ -85,16 +94,17 @@ async def detect(service: FaceService, images: list[ImageIn]) -> list[FoundFace]
 
 
 async def embed(service: FaceService, images: list[ImageIn]) -> EmbeddedFaces:
+    model = service.active  # read once: a model switch never mixes two models in one answer
     faces = await find_faces(service, images)
-    return EmbeddedFaces(faces, await embed_faces(service.embedder, faces))
+    return EmbeddedFaces(model, faces, await embed_faces(model.embedder, faces))
 
 
-def given_embedding(service: FaceService, values: Sequence[float], field: str) -> np.ndarray:
+def given_embedding(model: ServedModel, values: Sequence[float], field: str) -> np.ndarray:
     """A caller's embedding as a float32 unit vector; refused unless it has the served model's size and is finite."""
-    size = service.manifest.embedding_size
+    size = model.manifest.embedding_size
     vector = np.asarray(values, dtype=np.float64)
     if vector.shape != (size,):
-        raise InvalidRequest(f"'{field}' has {vector.size} values; the served model {service.model_key} makes "
+        raise InvalidRequest(f"'{field}' has {vector.size} values; the served model {model.key} makes "
                              f"{size}-d embeddings", code="embedding_size_mismatch")
     if not np.isfinite(vector).all():
         raise InvalidRequest(f"'{field}' holds a value that is not a finite number", code="embedding_not_finite")
@@ -112,6 +122,7 @@ def _one_probe(image: ImageIn | None, embedding: Sequence[float] | None) -> None
 
 @dataclass(frozen=True)
 class Verification:
+    model: ServedModel  # the model that answered
     decision: Decision
     similarity: float
     match: bool
@@ -132,8 +143,9 @@ async def verify(service: FaceService, image: ImageIn | None, embedding: Sequenc
                  target: VerifyTarget, far: float | None, actor: Actor = NO_ACTOR) -> Verification:
     """The probe (``image`` or ``embedding``) against ``target``: another face, or an identity's best face."""
     _one_probe(image, embedding)
-    decision = decide(service, far)
-    given = [given_embedding(service, values, name) for values, name in
+    model = service.active  # read once: a model switch never mixes two models in one answer
+    decision = decide(service.settings, model.manifest, far)
+    given = [given_embedding(model, values, name) for values, name in
              ((embedding, "embedding"), (target.other_embedding, "other_embedding")) if values is not None]
     if target.identity_id is not None:
         # 404 before any inference
@@ -142,20 +154,20 @@ async def verify(service: FaceService, image: ImageIn | None, embedding: Sequenc
     images = [i for i in (image, target.other) if i is not None]
     found = await find_faces(service, images) if images else []
     faces = [f for f in found if f.image == 0][:1] + [f for f in found if f.image == 1][:1]
-    embedded = list(await embed_faces(service.embedder, faces)) if faces else []
+    embedded = list(await embed_faces(model.embedder, faces)) if faces else []
     # The probe first, then the other face (when the target is one): from an image or given.
     vectors = [embedded.pop(0) if image is not None else given.pop(0)]
     if target.identity_id is None:
         vectors.append(embedded.pop(0) if target.other is not None else given.pop(0))
         similarity = cosine(vectors[0] @ vectors[1])
     else:
-        enrolled = await to_thread.run_sync(timed("store", service.gallery.identity_embeddings), target.identity_id,
+        enrolled = await to_thread.run_sync(timed("store", model.gallery.identity_embeddings), target.identity_id,
                                             actor.tenant)
         if enrolled.size == 0:
             raise InvalidRequest(f"identity {target.identity_id!r} has no faces made by the served model "
-                                 f"{service.model_key}", code="identity_has_no_faces")
+                                 f"{model.key}", code="identity_has_no_faces")
         similarity = cosine((enrolled @ vectors[0]).max())
-    verification = Verification(decision, similarity, decision.accepts(similarity), target.identity_id, faces)
+    verification = Verification(model, decision, similarity, decision.accepts(similarity), target.identity_id, faces)
     if verification.match and target.identity_id is not None:
         service.last_seen.saw(identity_ids=[target.identity_id])  # memory only; written in the background
     # The audit row records the decision only: no similarity, image or embedding.
@@ -181,6 +193,7 @@ class IdentifiedFace:
 
 @dataclass(frozen=True)
 class Identification:
+    model: ServedModel  # the model that answered
     decision: Decision
     faces: list[IdentifiedFace]
 
@@ -195,16 +208,17 @@ async def identify(service: FaceService, image: ImageIn | None, embedding: Seque
     _one_probe(image, embedding)
     if top_k > service.settings.max_top_k:
         raise InvalidRequest(f"top_k must be at most {service.settings.max_top_k}")
-    decision = decide(service, far)
+    model = service.active  # read once: a model switch never mixes two models in one answer
+    decision = decide(service.settings, model.manifest, far)
     found: list[FoundFace | None]
     if image is not None:
         detected = await find_faces(service, [image])
-        found, vectors = list(detected), await embed_faces(service.embedder, detected)
+        found, vectors = list(detected), await embed_faces(model.embedder, detected)
     else:
         assert embedding is not None
-        found, vectors = [None], given_embedding(service, embedding, "embedding")[None]
+        found, vectors = [None], given_embedding(model, embedding, "embedding")[None]
     # Only the caller's tenant is searched (its own index), and only its identities are named.
-    hits = await to_thread.run_sync(timed("search", service.gallery.search), vectors, top_k, actor.tenant)
+    hits = await to_thread.run_sync(timed("search", model.gallery.search), vectors, top_k, actor.tenant)
     identities = await to_thread.run_sync(timed("store", partial(service.store.identities_by_id, tenant=actor.tenant)),
                                           [c.identity_id for row in hits for c in row])
     faces: list[IdentifiedFace] = []
@@ -219,4 +233,36 @@ async def identify(service: FaceService, image: ImageIn | None, embedding: Seque
     # Per face searched: its best candidate's identity id and whether it matched (ids only, no names).
     await to_thread.run_sync(timed("store", service.store.append_audit), actor, "identify", None, (),
                              {"faces": len(faces), "top1": top1, "match": [face.match is not None for face in faces]})
-    return Identification(decision, faces)
+    if image is not None and detected:
+        _shadow(service, model, detected, top1, [face.match is not None for face in faces], far, actor.tenant)
+    return Identification(model, decision, faces)
+
+
+def _shadow(service: FaceService, model: ServedModel, detected: list[FoundFace], top1: list[str | None],
+            matched: list[bool], far: float | None, tenant: str) -> None:
+    """Now and then (``shadow_share``), have the candidate model answer the same faces in the background
+    and count whether it agrees (``cdface.serving.shadow``); the caller's answer never waits for it."""
+    candidate, share = service.candidate, service.settings.shadow_share
+    if candidate is None or candidate is model or share <= 0.0 or random.random() >= share:
+        return
+    task = asyncio.get_running_loop().create_task(_compare(service, model, candidate, detected, top1, matched, far,
+                                                           tenant))
+    service.background.add(task)  # held until done: the loop keeps only weak references to tasks
+    task.add_done_callback(service.background.discard)
+
+
+async def _compare(service: FaceService, model: ServedModel, candidate: ServedModel, detected: list[FoundFace],
+                   top1: list[str | None], matched: list[bool], far: float | None, tenant: str) -> None:
+    try:
+        decision = decide(service.settings, candidate.manifest, far)
+        vectors = await embed_faces(candidate.embedder, detected)
+        hits = await to_thread.run_sync(candidate.gallery.search, vectors, 1, tenant)
+    except Exception as exc:  # the candidate's Triton version unavailable, a FAR its report lacks, ...
+        service.shadow.failure(model.ref, candidate.ref)
+        log.warning("shadow identification with %s failed: %s", candidate.ref, type(exc).__name__)
+        return
+    for row, best, was_match in zip(hits, top1, matched):
+        theirs = row[0] if row else None
+        service.shadow.record(model.ref, candidate.ref,
+                              same_decision=(theirs is not None and decision.accepts(theirs.similarity)) == was_match,
+                              same_top1=(theirs.identity_id if theirs is not None else None) == best)

@@ -47,7 +47,8 @@ CASES: dict[str, list[str]] = {
     "everything": ["-f", str(EXAMPLES / "multi-gpu-postgresql.yaml"), "--set", "training.job.enabled=true",
                    "--set", "training.cronJob.enabled=true"],
     "external-db": ["--set", "database.mode=external", "--set", "database.external.existingSecret=cdface-db",
-                    "--set", "gateway.replicaCount=3", "--set", "gateway.secrets.existingSecret=cdface-keys"],
+                    "--set", "gateway.replicaCount=3", "--set", "gateway.secrets.existingSecret=cdface-keys",
+                    "--set", "triton.modelControl.existingSecret=cdface-triton-control"],
     # The in-chart PostgreSQL with its nightly pg_dump CronJob.
     "postgresql-backup": ["-f", str(EXAMPLES / "multi-gpu-postgresql.yaml"),
                           "--set", "database.postgresql.backup.enabled=true"],
@@ -239,8 +240,8 @@ def test_gpus_only_on_triton_and_training(helm, case):
     for obj, tpl, c, _ in containers(docs):
         if gpu_limit(c):
             comp = component(tpl["metadata"]["labels"])
-            assert (comp == "triton" and c["name"] in ("triton", "build-engines")) or \
-                   (comp in ("training", "reembed") and c["name"] in ("train", "pytorch")), \
+            assert (comp == "triton" and c["name"] == "triton") or \
+                   (comp == "training" and c["name"] in ("train", "pytorch")), \
                 f"{obj['kind']}/{obj['metadata']['name']} container {c['name']} asks for a GPU"
         # GPUs are whole devices: never a request without the same limit, never fractions.
         assert GPU not in c.get("resources", {}).get("requests", {})
@@ -250,7 +251,8 @@ def test_gpu_counts(helm):
     docs = render_case(helm, "everything")
     triton = one(docs, "Deployment", "-triton")["spec"]["template"]["spec"]
     assert gpu_limit(triton["containers"][0]) == 1
-    assert gpu_limit(triton["initContainers"][0]) == 1  # the engine is built on the GPU it will run on
+    # TensorRT engines are built by Triton itself on load: no other container of the pod holds a GPU.
+    assert not [c["name"] for c in triton.get("initContainers", []) if gpu_limit(c)]
     for obj, tpl, c, _ in containers(docs):
         if c["name"] in ("train", "pytorch"):
             env = {e["name"]: e.get("value") for e in c["env"]}
@@ -265,11 +267,15 @@ def test_gpu_counts(helm):
 
 def test_torchrun_uses_one_process_per_gpu(helm):
     docs = render_case(helm, "everything")
-    script = one(docs, "ConfigMap", "-training-scripts")["data"]["train.sh"]
-    assert 'torchrun --nproc-per-node "$GPUS" -m cdface.cli train' in script
-    assert "run.stage=pretrain" in script and "run.init_from=$OUT/pretrain/checkpoints/last.pt" in script
+    trains = [c for _, _, c, _ in containers(docs) if c["name"] in ("train", "pytorch")]
+    assert len(trains) == 4  # the Job, the CronJob, the PyTorchJob's master and worker
+    for c in trains:
+        script = c["command"][-1]
+        assert 'torchrun --nproc-per-node "$GPUS" -m cdface.cli retrain' in script and "--steps train" in script
+        assert "--set 'data.path=/data/glint360k'" in script
     assert one(docs, "PyTorchJob", "-train-1")["spec"]["nprocPerNode"] == "8"
-    assert one(docs, "CronJob", "-retrain")["spec"]["concurrencyPolicy"] == "Forbid"
+    for kind in ("train", "pipeline"):
+        assert one(docs, "CronJob", f"-retrain-{kind}")["spec"]["concurrencyPolicy"] == "Forbid"
 
 
 # ---------- hardening ----------
@@ -318,7 +324,7 @@ def test_probe_endpoints(helm):
     assert tr["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert {p["containerPort"] for p in tr["ports"]} == {8000, 8001, 8002}
     assert "--model-control-mode=explicit" in tr["args"] and "--load-model=face" in tr["args"]
-    assert tr["image"] == "nvcr.io/nvidia/tritonserver:24.08-py3"
+    assert tr["image"] == "nvcr.io/nvidia/tritonserver:25.08-py3"
     poll = one(render(helm, "--set", "triton.modelControlMode=poll"), "Deployment", "-triton")
     args = poll["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--model-control-mode=poll" in args and "--repository-poll-secs=30" in args
@@ -400,7 +406,7 @@ def test_generated_secrets(helm):
     # Without a cluster `lookup` finds nothing, so each `helm template` generates anew (documented);
     # on a cluster the values already in the release's Secrets are reused.
     again = run_helm(helm, "template", "faces", str(CHART), "--show-only", "templates/secrets.yaml")
-    assert yaml.safe_load(again.stdout)["data"]["key-pepper"] != first["data"]["key-pepper"]
+    assert next(yaml.safe_load_all(again.stdout))["data"]["key-pepper"] != first["data"]["key-pepper"]
     lookup = (CHART / "templates" / "_helpers.tpl").read_text()
     assert 'lookup "v1" "Secret"' in lookup
 
@@ -433,7 +439,7 @@ def test_network_policy_selects_the_right_pods(helm):
     policies = {component(p["metadata"]["labels"]): p for p in docs if p["kind"] == "NetworkPolicy"}
     assert set(policies) == {"triton", "postgresql"}
     pods = [(component(tpl["metadata"]["labels"]), tpl["metadata"]["labels"]) for _, tpl in pod_templates(docs)]
-    assert {c for c, _ in pods} >= {"gateway", "triton", "postgresql", "reembed", "training"}
+    assert {c for c, _ in pods} >= {"gateway", "triton", "postgresql", "pipeline", "training"}
     for target, ports in (("triton", (8000, 8001)), ("postgresql", (5432,))):
         policy = policies[target]
         assert policy["spec"]["policyTypes"] == ["Ingress"]
@@ -442,7 +448,7 @@ def test_network_policy_selects_the_right_pods(helm):
         assert governed == {target}
         for comp, labels in pods:
             for port in ports:
-                assert allowed(policy, labels, port) == (comp in ("gateway", "reembed")), (target, comp, port)
+                assert allowed(policy, labels, port) == (comp in ("gateway", "pipeline")), (target, comp, port)
         # No rule opens these ports to other namespaces or to everyone.
         for rule in policy["spec"]["ingress"]:
             if {p["port"] for p in rule["ports"]} & set(ports):
@@ -472,7 +478,11 @@ def test_network_policy_off(helm):
     (["--set", "gateway.securityContext.runAsNonRoot=false"], "runAsNonRoot"),
     (["--set", "gateway.securityContext.readOnlyRootFilesystem=false"], "readOnlyRootFilesystem"),
     (["--set", "gateway.settings.key_pepper=abc"], "key_pepper"),
-    (["--set", "training.publish.versionPolicy=newest"], "/training/publish/versionPolicy"),
+    (["--set", "training.publish.backend=tensorrt_plan"], "/training/publish/backend"),
+    (["--set", "triton.image.tag=24.08-py3"], "/triton/image"),
+    (["--set", "triton.image.tag=25.06-py3"], "/triton/image"),
+    (["--set", "triton.modelControl.header=X Bad"], "/triton/modelControl/header"),
+    (["--set", "gateway.shadowShare=1.5"], "/gateway/shadowShare"),
 ])
 def test_schema_refuses_wrong_values(helm, args, message):
     done = run_helm(helm, "template", "x", str(CHART), *args)
@@ -481,7 +491,11 @@ def test_schema_refuses_wrong_values(helm, args, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--set", "training.job.enabled=true"], "training.dataset.existingClaim"),
+    (["--set", "training.job.enabled=true", "--set", "database.mode=postgresql"], "training.dataset.existingClaim"),
+    (["--set", "training.cronJob.enabled=true", "--set", "training.dataset.existingClaim=d"], "database.mode=sqlite"),
+    (["--set", "training.job.enabled=true", "--set", "training.dataset.existingClaim=d", "--set",
+      "database.mode=postgresql", "--set", "training.activeDeadlineSeconds.pipeline=3600", "--set",
+      "training.activeDeadlineSeconds.train=3600"], "training.activeDeadlineSeconds.pipeline must exceed"),
     (["--set", "database.mode=external"], "database.external.existingSecret"),
     (["--set", "triton.tensorrt.enabled=true", "--set", "triton.gpus=0"], "needs a GPU"),
     (["--set", "triton.modelRepository.source=url", "--set", "triton.modelRepository.url=s3://b/m"],
@@ -532,31 +546,150 @@ def test_schema_describes_every_value():
 
 # ---------- what the pods run ----------
 
-def test_scripts_parse(helm):
+def _retraining_pods(docs: list[dict], kind: str) -> dict[str, dict]:
+    """Pod spec of each retraining object of `kind` (Job or CronJob), by object name."""
+    return {obj["metadata"]["name"]: tpl["spec"] for obj, tpl in pod_templates(docs)
+            if obj["kind"] == kind and component(tpl["metadata"]["labels"]) in ("training", "pipeline")}
+
+
+def test_retraining_commands_parse(helm):
+    """What the retraining containers run is valid shell (the real sh parses it), no script files:
+    the `cdface retrain` command is the one way to run a step."""
     docs = render_case(helm, "everything")
-    scripts = {**one(docs, "ConfigMap", "-training-scripts")["data"], **one(docs, "ConfigMap", "-triton-scripts")["data"]}
-    assert set(scripts) == {"train.sh", "publish.sh", "reembed.py", "build-engines.sh"}
-    for name, text in scripts.items():
-        if name.endswith(".sh"):
-            done = subprocess.run(["sh", "-n"], input=text, capture_output=True, text=True)
-            assert done.returncode == 0, (name, done.stderr)
-        else:
-            compile(text, name, "exec")
-    assert "cdface export tensorrt" in scripts["build-engines.sh"] and "--precision fp16" in scripts["build-engines.sh"]
-    assert "cdface export onnx" in scripts["publish.sh"] and "cdface export triton /models" in scripts["publish.sh"]
-    assert '"gallery", "reembed"' in scripts["reembed.py"]
+    assert not [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-scripts")]
+    scripts = [c["command"] for _, tpl, c, _ in containers(docs) if component(tpl["metadata"]["labels"]) in
+               ("training", "pipeline")]
+    assert len(scripts) == 8  # Job, CronJob: train, wait, pipeline; PyTorchJob: master, worker
+    for command in scripts:
+        assert command[:2] == ["/bin/sh", "-c"] and len(command) == 3, command
+        done = subprocess.run(["sh", "-n", "-c", command[2]], capture_output=True, text=True)
+        assert done.returncode == 0, (command, done.stderr)
 
 
 def test_retraining_renders_only_when_asked(helm):
     default = render_case(helm, "default")
     assert not [d for d in default if d["kind"] in ("Job", "CronJob", "PyTorchJob")]
     one_node = render_case(helm, "one-gpu-node")
-    assert [d["kind"] for d in one_node if d["kind"] in ("Job", "CronJob", "PyTorchJob")] == ["CronJob"]
-    job = one(render_case(helm, "everything"), "Job", "-run-1")["spec"]["template"]["spec"]
-    assert [c["name"] for c in job["initContainers"]] == ["train", "publish"]
-    assert [c["name"] for c in job["containers"]] == ["reembed"]
-    reembed = {e["name"]: e.get("value") for e in job["containers"][0]["env"]}
-    assert reembed["REEMBED"] == "1"  # PostgreSQL: the job re-embeds; with SQLite the gateway pod does
+    assert sorted(d["metadata"]["name"] for d in one_node if d["kind"] in ("Job", "CronJob", "PyTorchJob")) == \
+        ["faces-cdface-retrain-pipeline", "faces-cdface-retrain-train"]
+    jobs = sorted(d["metadata"]["name"] for d in render_case(helm, "everything") if d["kind"] == "Job")
+    assert jobs == ["faces-cdface-run-1", "faces-cdface-train-1"]
+
+
+# The steps of one run, as `cdface retrain --steps` takes them.
+TRAIN_STEPS = "--steps train"
+PIPELINE_STEPS = "--steps eval,export,publish,load,reembed,promote"
+
+
+@pytest.mark.parametrize("kind", ["Job", "CronJob"])
+def test_gpus_are_held_only_while_training(helm, kind):
+    """A run is two pods: the train step alone holds GPUs; the CPU steps run in a pod without any
+    GPU, which waits for the train step's completion marker on the shared run volume."""
+    docs = render_case(helm, "everything")
+    pods = _retraining_pods(docs, kind)
+    assert len(pods) == 2, list(pods)
+    train = next(p for p in pods.values() if p["containers"][0]["name"] == "train")
+    pipeline = next(p for p in pods.values() if p["containers"][0]["name"] == "pipeline")
+    # GPUs: the train container only, and no step other than train runs there.
+    assert gpu_limit(train["containers"][0]) == 8 and not train.get("initContainers")
+    assert TRAIN_STEPS in train["containers"][0]["command"][2]
+    assert "--steps" not in train["containers"][0]["command"][2].replace(TRAIN_STEPS, "")
+    assert not [c["name"] for c in pipeline.get("initContainers", []) + pipeline["containers"] if gpu_limit(c)]
+    assert PIPELINE_STEPS in pipeline["containers"][0]["command"][2]
+    assert {v["name"] for v in pipeline["volumes"]} == {"checkpoints", "models", "tmp"}  # no dataset, no dshm
+    assert "models" not in {v["name"] for v in train["volumes"]}
+    # Both mount the same run volume; the pipeline waits for the marker the train step writes there.
+    claim = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for p in (train, pipeline)
+             for v in p["volumes"]}
+    assert claim["checkpoints"] == "faces-cdface-checkpoints"
+    wait = pipeline["initContainers"]
+    assert [c["name"] for c in wait] == ["wait-for-train"]
+    assert 'until [ -f "/checkpoints/${RUN_ID}/steps/train.json" ]' in wait[0]["command"][2]
+    for c in (train["containers"][0], pipeline["containers"][0]):
+        assert '--run-id "$RUN_ID" --work-dir /checkpoints' in c["command"][2]
+    # the pipeline sits on any node (no GPU nodeSelector of training's)
+    assert train["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert "nodeSelector" not in pipeline
+
+
+def test_steps_run_in_a_real_shell_and_wait_for_the_marker(helm, tmp_path):
+    """The rendered wait runs in sh: it loops while the marker is missing and ends once the train
+    step's marker exists (the run volume is a temporary directory here, the command unchanged)."""
+    docs = render_case(helm, "everything")
+    wait = one(docs, "Job", "-run-1")["spec"]["template"]["spec"]["initContainers"][0]["command"][2]
+    script = wait.replace("/checkpoints/", f"{tmp_path}/").replace("sleep 60", "sleep 0.05")
+    proc = subprocess.Popen(["sh", "-c", script], env={"RUN_ID": "1", "PATH": "/usr/bin:/bin"},
+                            stdout=subprocess.PIPE, text=True)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=0.5)  # no marker: still waiting
+    (tmp_path / "1" / "steps").mkdir(parents=True)
+    (tmp_path / "1" / "steps" / "train.json").write_text("{}")
+    assert proc.wait(timeout=10) == 0
+    assert "run 1: waiting for" in proc.stdout.read()
+
+
+@pytest.mark.parametrize("kind", ["Job", "CronJob"])
+def test_retraining_jobs_have_deadlines_and_a_failure_policy(helm, kind):
+    docs = render(helm, *CASES["everything"], "--set", "training.activeDeadlineSeconds.train=7200",
+                  "--set", "training.activeDeadlineSeconds.pipeline=9000", "--set", "training.job.backoffLimit=3",
+                  "--set", "training.cronJob.backoffLimit=4")
+    specs = {}
+    for d in docs:
+        if d["kind"] == kind and component(d["metadata"]["labels"]) in ("training", "pipeline"):
+            spec = d["spec"]["jobTemplate"]["spec"] if kind == "CronJob" else d["spec"]
+            specs[component(d["metadata"]["labels"])] = spec
+    assert set(specs) == {"training", "pipeline"}
+    assert specs["training"]["activeDeadlineSeconds"] == 7200
+    assert specs["pipeline"]["activeDeadlineSeconds"] == 9000
+    for spec in specs.values():
+        assert spec["backoffLimit"] == (3 if kind == "Job" else 4)
+        assert spec["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy requires it
+        rules = spec["podFailurePolicy"]["rules"]
+        # exit 2 (a refused gate, bad input): fail the Job at once, no retry
+        assert rules[0] == {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}}
+        # evicted or preempted: not a failure of the run
+        assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+        assert len(rules) == 2
+
+
+def _run_id_prefix(command: list[str]) -> str:
+    """The shell the command runs before its first `exec` / `echo`: where RUN_ID is set."""
+    script = command[2]
+    return script[:min(i for i in (script.find("exec "), script.find("echo ")) if i >= 0)]
+
+
+def test_run_ids_are_stable_across_retries(helm, tmp_path):
+    docs = render_case(helm, "everything")
+    # CronJob: each container derives RUN_ID from its Job's name (the pod's job-name label, the same
+    # in every retry of a pod), with one expression in both CronJobs.
+    cron = [(obj, c) for obj, tpl, c, _ in containers(docs) if obj["kind"] == "CronJob"
+            and component(tpl["metadata"]["labels"]) in ("training", "pipeline")]
+    assert len(cron) == 3
+    prefixes = {_run_id_prefix(c["command"]) for _, c in cron}
+    assert prefixes == {'RUN_ID="${JOB_NAME##*-}" && '}
+    for _, c in cron:
+        env = {e["name"]: e for e in c["env"]}
+        assert "RUN_ID" not in env
+        assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+    # The CronJob controller names a scheduled run's Jobs <cronjob>-<scheduled minutes>: both CronJobs'
+    # Jobs of one schedule derive the same id (run in a real shell), whatever the names before it.
+    names = {obj["metadata"]["name"] for obj, _ in cron}
+    assert names == {"faces-cdface-retrain-train", "faces-cdface-retrain-pipeline"}
+    scheduled = [c["spec"]["schedule"] for c in docs if c["kind"] == "CronJob" and c["metadata"]["name"] in names]
+    assert len(set(scheduled)) == 1
+    ids = set()
+    for name in names:
+        done = subprocess.run(["sh", "-c", _run_id_prefix(one(docs, "CronJob", name)["spec"]["jobTemplate"]["spec"][
+            "template"]["spec"]["containers"][0]["command"]) + 'echo "$RUN_ID"'],
+            env={"JOB_NAME": f"{name}-29423520", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+        ids.add(done.stdout.strip())
+    assert ids == {"29423520"}
+    # Job: the runId value, literally, in both Jobs.
+    for name in ("faces-cdface-train-1", "faces-cdface-run-1"):
+        pod = one(docs, "Job", name)["spec"]["template"]["spec"]
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env["RUN_ID"] == "1" and "JOB_NAME" not in env and _run_id_prefix(c["command"]) == ""
 
 
 # ---------- documented commands ----------
@@ -699,9 +832,13 @@ def test_multi_node_follow_up_keeps_the_training_data(helm):
         pod = spec["template"]["spec"]
         assert {"data", "checkpoints", "dshm"} <= {v["name"] for v in pod["volumes"]}
         assert "models" not in {v["name"] for v in pod["volumes"]}  # training only: no claim it does not use
-    publish = one(docs, "Job", "-run-1")["spec"]["template"]["spec"]
-    assert [c["name"] for c in publish["initContainers"]] == ["publish"]
-    assert "data" not in {v["name"] for v in publish["volumes"]}
+    # the rest of the run: the pipeline Job only (no train Job of its own), waiting for the PyTorchJob's marker
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Job"] == ["faces-cdface-run-1"]
+    pipeline = one(docs, "Job", "-run-1")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pipeline["initContainers"]] == ["wait-for-train"]
+    assert "data" not in {v["name"] for v in pipeline["volumes"]}
+    master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e.get("value") for e in master["env"]}["RUN_ID"] == "1"
     done = run_helm(helm, "template", "x", str(CHART), "--set", "training.multiNode.enabled=true",
                     "--set", "training.steps.train=false")
     assert done.returncode != 0 and "training.dataset.existingClaim" in done.stderr
@@ -731,23 +868,24 @@ def test_host_path_engine_cache_is_handed_to_triton(helm):
     pod = one(docs, "Deployment", "-triton")["spec"]["template"]["spec"]
     hp = [v for v in pod["volumes"] if "hostPath" in v]
     assert [v["name"] for v in hp] == ["engine-cache"]
-    owner, build = pod["initContainers"][0], pod["initContainers"][1]
-    assert owner["name"] == "engine-cache-owner" and build["name"] == "build-engines"
+    [owner] = pod["initContainers"]
+    assert owner["name"] == "engine-cache-owner"
     psc = pod["securityContext"]
     assert owner["command"] == ["chown", f"{psc['runAsUser']}:{psc['runAsGroup']}", "/engine-cache"]
     sc = owner["securityContext"]
     # root, but nothing beyond changing an owner
     assert sc["runAsUser"] == 0 and sc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
-    assert build["securityContext"]["runAsNonRoot"] is True
-    assert "runAsUser" not in build["securityContext"]  # the pod's uid 1000, the directory's new owner
+    triton = pod["containers"][0]
+    assert "runAsUser" not in triton["securityContext"]  # the pod's uid 1000, the directory's new owner
+    assert {"name": "engine-cache", "mountPath": "/engine-cache"} in triton["volumeMounts"]
     # a PVC cache: the chart's claim, or the one given
     pvc = render(helm, "--set", "triton.tensorrt.enabled=true", "--set", "triton.tensorrt.engineCache.type=pvc")
     claim = one(pvc, "PersistentVolumeClaim", "-engine-cache")
     pod = one(pvc, "Deployment", "-triton")["spec"]["template"]["spec"]
     assert {v["name"]: v for v in pod["volumes"]}["engine-cache"]["persistentVolumeClaim"]["claimName"] == \
         claim["metadata"]["name"]
-    assert [c["name"] for c in pod["initContainers"]] == ["build-engines"]
+    assert not pod.get("initContainers")
 
 
 def test_triton_grpc_headless_service_and_gateway_target(helm):
@@ -776,6 +914,7 @@ def test_triton_grpc_headless_service_and_gateway_target(helm):
     # The model-control Service reaches unready pods too (a pod with nothing to serve is unready).
     pods = one(render_case(helm, "default"), "Service", "-triton-pods")
     assert pods["spec"]["clusterIP"] == "None" and pods["spec"]["publishNotReadyAddresses"] is True
+    assert {p["port"] for p in pods["spec"]["ports"]} == {8000, 8001}  # the load step speaks gRPC
 
 
 def test_triton_autoscaling(helm):
@@ -942,9 +1081,9 @@ def test_serving_outranks_training(helm, case):
         name = tpl["spec"].get("priorityClassName")
         assert name in classes, f"{obj['kind']}/{obj['metadata']['name']} has priorityClassName {name}"
         seen.add(comp)
-        tier = "training" if comp in ("training", "reembed") else "serving"
+        tier = "training" if comp in ("training", "pipeline") else "serving"
         assert classes[name]["metadata"]["name"].endswith(f"-{tier}"), (comp, name)
-    assert {"gateway", "triton"} <= seen and seen & {"training", "reembed"}
+    assert {"gateway", "triton"} <= seen and seen & {"training", "pipeline"}
     serving = next(c for n, c in classes.items() if n.endswith("-serving"))
     training = next(c for n, c in classes.items() if n.endswith("-training"))
     assert serving["value"] > training["value"] and training["preemptionPolicy"] == "Never"
@@ -953,11 +1092,13 @@ def test_serving_outranks_training(helm, case):
 
 def test_priority_class_names_are_values(helm):
     docs = render(helm, "--set", "training.job.enabled=true", "--set", "training.dataset.existingClaim=d",
+                  "--set", "database.mode=postgresql", "--set", "database.postgresql.priorityClassName=db-high",
                   "--set", "gateway.priorityClassName=serving-high", "--set", "triton.priorityClassName=gpu-serving",
                   "--set", "training.priorityClassName=batch-low")
     assert not [d for d in docs if d["kind"] == "PriorityClass"]
     names = {component(tpl["metadata"]["labels"]): tpl["spec"]["priorityClassName"] for _, tpl in pod_templates(docs)}
-    assert names == {"gateway": "serving-high", "triton": "gpu-serving", "reembed": "batch-low"}
+    assert names == {"gateway": "serving-high", "triton": "gpu-serving", "postgresql": "db-high",
+                     "training": "batch-low", "pipeline": "batch-low"}
     assert not [tpl for _, tpl in pod_templates(render_case(helm, "default")) if "priorityClassName" in tpl["spec"]]
 
 
@@ -968,8 +1109,8 @@ def _claims(pod: dict) -> set[str]:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_read_write_once_volumes_are_not_shared_across_nodes(helm, case):
-    """A ReadWriteOnce claim mounted by pods of several workloads: all but Triton's are pinned to
-    Triton's node (or the claim is the Triton-free gallery of one gateway)."""
+    """A ReadWriteOnce claim mounted by pods of several workloads (the model repository; the run
+    volume both retraining Jobs mount): all but Triton's are pinned to Triton's node."""
     docs = render_case(helm, case)
     rwo = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"
            and not {"ReadWriteMany", "ReadOnlyMany"} & set(d["spec"]["accessModes"])}
@@ -978,7 +1119,6 @@ def test_read_write_once_volumes_are_not_shared_across_nodes(helm, case):
         users = [(obj, tpl) for obj, tpl in pod_templates(docs) if claim in _claims(tpl)]
         if len({obj["metadata"]["name"] for obj, _ in users}) < 2:
             continue
-        assert claim in _claims(triton), claim
         for obj, tpl in users:
             if tpl is triton:
                 continue
@@ -1089,3 +1229,183 @@ def test_crop_keys_come_from_a_secret_and_are_absent_by_default(helm):
     assert "CDFACE_SERVE_CROP_KEYS" not in env()  # no key: the gateway retains no crop
     assert env("--set", "gateway.cropKeys.existingSecret=cdface-crops")["CDFACE_SERVE_CROP_KEYS"]["valueFrom"] == {
         "secretKeyRef": {"name": "cdface-crops", "key": "crop-keys"}}
+
+
+# ---------- model upgrades: Triton's image and model control, what the gateway follows ----------
+
+def _triton_release(image: str) -> tuple[int, int]:
+    match = re.fullmatch(r"nvcr\.io/nvidia/tritonserver:(\d\d)\.(\d\d)-py3", image)
+    assert match, image
+    return int(match.group(1)), int(match.group(2))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_image_is_past_the_2025_vulnerabilities(helm, case):
+    triton = one(render_case(helm, case), "Deployment", "-triton")["spec"]["template"]["spec"]
+    images = {c["image"] for c in triton.get("initContainers", []) + triton["containers"]}
+    assert images and all(_triton_release(i) >= (25, 7) for i in images), images
+    # The trainer's TensorRT is the Triton release's (an engine loads only in the TensorRT that built it).
+    dockerfile = (ROOT / "docker" / "trainer.Dockerfile").read_text()
+    assert "ARG TENSORRT_VERSION=10.13.2.6" in dockerfile and '"tensorrt-cu13==${TENSORRT_VERSION}"' in dockerfile
+    assert _triton_release(next(iter(images))) == (25, 8)  # the release whose TensorRT is 10.13.2.6 (CUDA 13.0)
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_model_control_api_is_restricted_to_the_pipeline(helm):
+    docs = render_case(helm, "everything")
+    secret = one(docs, "Secret", "-triton-model-control")
+    key = base64.b64decode(secret["data"]["model-control-key"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{40}", key)
+    name = secret["metadata"]["name"]
+    triton = one(docs, "Deployment", "-triton")["spec"]["template"]["spec"]["containers"][0]
+    # Loading and unloading need the header with the key, over HTTP and gRPC (gRPC keys are lower case);
+    # Kubernetes puts the key in from the environment, from the Secret.
+    assert "--model-control-mode=explicit" in triton["args"] and "--load-model=face" in triton["args"]
+    assert "--http-restricted-api=model-repository:X-Cdface-Model-Control=$(CDFACE_TRITON_CONTROL_KEY)" in \
+        triton["args"]
+    assert "--grpc-restricted-protocol=model-repository:x-cdface-model-control=$(CDFACE_TRITON_CONTROL_KEY)" in \
+        triton["args"]
+    assert _env(triton)["CDFACE_TRITON_CONTROL_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": name, "key": "model-control-key"}
+    # Who may read the Secret: Triton and the pipeline pods, nobody else (not the gateway, not training).
+    readers = set()
+    for obj, tpl in pod_templates(docs):
+        if name in json.dumps(tpl):
+            readers.add(component(tpl["metadata"]["labels"]))
+    assert readers == {"triton", "pipeline"}
+    gateway = one(docs, "Deployment", "-gateway")
+    assert name not in json.dumps(gateway) and "CDFACE_TRITON_CONTROL" not in json.dumps(gateway)
+    for _, tpl, c, is_init in containers(docs):
+        if component(tpl["metadata"]["labels"]) == "pipeline" and not is_init:
+            env = _env(c)
+            assert env["CDFACE_TRITON_CONTROL_HEADER"]["value"] == "X-Cdface-Model-Control"
+            assert env["CDFACE_TRITON_CONTROL_KEY"]["valueFrom"]["secretKeyRef"] == {
+                "name": name, "key": "model-control-key"}
+            # every Triton pod, ready or not (explicit mode: each pod loads a version only when told)
+            assert env["CDFACE_RETRAIN_TRITON_URL"]["value"] == \
+                "dns:///faces-cdface-triton-pods.cdface.svc.cluster.local:8001"
+    # The header is a value; an existing Secret replaces the generated one everywhere.
+    docs = render(helm, *CASES["everything"], "--set", "triton.modelControl.header=X-Ops-Key",
+                  "--set", "triton.modelControl.existingSecret=ops-triton")
+    assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-model-control")]
+    args = one(docs, "Deployment", "-triton")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--grpc-restricted-protocol=model-repository:x-ops-key=$(CDFACE_TRITON_CONTROL_KEY)" in args
+    refs = [e["valueFrom"]["secretKeyRef"]["name"] for _, _, c, _ in containers(docs) for e in c.get("env", [])
+            if e["name"] == "CDFACE_TRITON_CONTROL_KEY"]
+    assert refs and set(refs) == {"ops-triton"}
+
+
+def test_pipeline_reaches_the_gallery_database_and_crops(helm):
+    docs = render(helm, *CASES["everything"], "--set", "gateway.cropKeys.existingSecret=crop-keys")
+    pipeline = one(docs, "Job", "-run-1")["spec"]["template"]["spec"]["containers"][0]
+    env = _env(pipeline)
+    assert env["CDFACE_RETRAIN_DATABASE_URL"]["value"] == "postgresql://cdface@faces-cdface-postgresql:5432/cdface"
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "faces-cdface-postgresql"
+    assert env["CDFACE_SERVE_CROP_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "crop-keys", "key": "crop-keys"}
+    assert "CDFACE_SERVE_KEY_PEPPER" not in env  # API keys are the gateway's business only
+    external = render(helm, *CASES["external-db"], "--set", "training.job.enabled=true",
+                      "--set", "training.dataset.existingClaim=d")
+    env = _env(one(external, "Job", "-run-1")["spec"]["template"]["spec"]["containers"][0])
+    assert env["CDFACE_RETRAIN_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "cdface-db",
+                                                                                "key": "database-url"}
+    assert "PGPASSWORD" not in env
+
+
+def test_retraining_values_reach_the_command(helm):
+    docs = render_case(helm, "everything")
+    train = one(docs, "Job", "-train-1")["spec"]["template"]["spec"]["containers"][0]
+    # the held-out sets (eval and promotion need them) inside the dataset's path
+    assert "--set 'data.val=[/data/glint360k/lfw.bin,/data/glint360k/cfp_fp.bin,/data/glint360k/agedb_30.bin]'" \
+        in train["command"][2]
+    assert _env(train)["CDFACE_RETRAIN_TWO_STAGE"]["value"] == "true"
+    pipeline = one(docs, "Job", "-run-1")["spec"]["template"]["spec"]["containers"][0]
+    assert "--backend onnxruntime_onnx --max-batch-size 32" in pipeline["command"][2]
+    assert "--margin" not in pipeline["command"][2] and "CDFACE_RETRAIN_GRACE_S" not in _env(pipeline)
+    docs = render(helm, *CASES["everything"], "--set", "training.promoteMargin=0.01", "--set",
+                  "training.gracePeriodSeconds=7200", "--set", "training.autoPromote=false", "--set",
+                  "training.twoStage=false", "--set", "training.dataset.heldOut={lfw.bin}")
+    pipeline = one(docs, "Job", "-run-1")["spec"]["template"]["spec"]["containers"][0]
+    assert "--margin 0.01" in pipeline["command"][2]
+    assert _env(pipeline)["CDFACE_RETRAIN_GRACE_S"]["value"] == "7200"
+    # without promotion the run ends at a re-embedded candidate, for an operator to promote
+    assert re.findall(r"--steps (\S+)", pipeline["command"][2]) == ["eval,export,publish,load,reembed"]
+    train = one(docs, "Job", "-train-1")["spec"]["template"]["spec"]["containers"][0]
+    assert "--set 'data.val=[/data/glint360k/lfw.bin]'" in train["command"][2]
+    assert _env(train)["CDFACE_RETRAIN_TWO_STAGE"]["value"] == "false"
+
+
+def test_gateway_follows_the_model_pointer_unless_pinned(helm):
+    gw = _env(one(render_case(helm, "default"), "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0])
+    assert "CDFACE_SERVE_MODEL_VERSION" not in gw  # the store's pointer decides
+    assert gw["CDFACE_SERVE_SHADOW_SHARE"]["value"] == "0.05"
+    assert gw["CDFACE_SERVE_MODEL"]["value"] == "face"
+    pinned = render(helm, "--set", "model.version=3", "--set", "gateway.shadowShare=0.2")
+    gw = _env(one(pinned, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0])
+    assert gw["CDFACE_SERVE_MODEL_VERSION"]["value"] == "3" and gw["CDFACE_SERVE_SHADOW_SHARE"]["value"] == "0.2"
+
+
+def test_tensorrt_engines_are_built_on_load_from_the_served_repository(helm):
+    """With TensorRT, Triton serves the model repository retraining publishes into (no node-local
+    copy filled only at pod start): a version loaded through the repository API is served, its
+    engine built by ONNX Runtime's TensorRT accelerator on load and kept in the engine cache."""
+    docs = render_case(helm, "everything")  # TensorRT on, engine cache on a shared volume
+    triton = one(docs, "Deployment", "-triton")["spec"]["template"]["spec"]
+    c = triton["containers"][0]
+    assert "--model-repository=/models" in c["args"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["models"]["mountPath"] == "/models"
+    assert mounts["engine-cache"] == {"name": "engine-cache", "mountPath": "/engine-cache"}  # writable
+    assert "engine-repository" not in json.dumps(triton) and not triton.get("initContainers")
+    # the pipeline publishes into that same claim
+    pipeline = one(docs, "Job", "-run-1")["spec"]["template"]["spec"]
+    assert {m["name"]: m["mountPath"] for m in pipeline["containers"][0]["volumeMounts"]}["models"] == "/models"
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for p in (triton, pipeline) for v in p["volumes"]
+              if v["name"] == "models"}
+    assert claims == {"models": "faces-cdface-models"}
+    assert not [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-triton-scripts")]
+
+
+@pytest.mark.slow
+def test_rendered_model_control_flags_restrict_a_real_triton(helm, tmp_path):
+    """The restricted-API flags exactly as the chart renders them (the key put in from the generated
+    Secret, as Kubernetes expands $(VAR) in args), run by a real tritonserver: the repository API
+    answers only with the key, over HTTP (X-Cdface-Model-Control) and gRPC (the lower-case key
+    prefixed triton-grpc-protocol-); health and metadata stay open."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from cdface.devtools.triton_local import TritonServer
+
+    docs = render_case(helm, "everything")
+    key = base64.b64decode(one(docs, "Secret", "-triton-model-control")["data"]["model-control-key"]).decode()
+    args = one(docs, "Deployment", "-triton")["spec"]["template"]["spec"]["containers"][0]["args"]
+    restricted = [a.replace("$(CDFACE_TRITON_CONTROL_KEY)", key) for a in args if "restricted" in a]
+    assert len(restricted) == 2 and all(key in a for a in restricted)
+
+    class ChartFlagsTriton(TritonServer):
+        def command(self, env):
+            return super().command(env) + restricted
+
+    (tmp_path / "repo").mkdir()
+    with ChartFlagsTriton(tmp_path / "repo", explicit=True, log_path=tmp_path / "triton.log") as server:
+        http = httpclient.InferenceServerClient(server.http_url)
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            for headers in (None, {"X-Cdface-Model-Control": "wrong"}, {"X-Other": key}):
+                with pytest.raises(InferenceServerException, match="restricted"):
+                    http.get_model_repository_index(headers=headers)
+            assert http.get_model_repository_index(headers={"X-Cdface-Model-Control": key}) == []
+            with pytest.raises(InferenceServerException, match="restricted"):
+                grpc.get_model_repository_index()
+            with pytest.raises(InferenceServerException, match="restricted"):
+                grpc.get_model_repository_index(headers={"x-cdface-model-control": key})  # unprefixed
+            index = grpc.get_model_repository_index(headers={"triton-grpc-protocol-x-cdface-model-control": key})
+            assert list(index.models) == []
+            assert http.is_server_live() and grpc.is_server_live()  # no key needed
+        finally:
+            http.close()
+            grpc.close()

@@ -33,7 +33,7 @@ def test_every_committed_write_has_exactly_one_row_in_order(store):
     a = store.create_identity("ext-a", "Ada Lovelace", {"team": "x"}, ALICE)
     faces = store.add_faces(a.id, [NewFace(vec(1), M1, b"png"), NewFace(vec(2), M1)], ALICE)
     store.update_identity(a.id, {"name": "Ada L"}, Actor("k_bob"))
-    store.replace_embeddings([(faces[0].id, vec(3))], ModelKey("face", 2))
+    store.add_embeddings([(faces[0].id, vec(3))], ModelKey("face", 2))
     store.delete_face(a.id, faces[1].id, ALICE)
     created, _ = store.create_identity_with_faces(None, "Grace", {}, [NewFace(vec(4), M1)], ALICE)
     deleted = store.delete_identity(created.id, ALICE)
@@ -155,6 +155,9 @@ def test_gateway_writes_and_searches_each_leave_one_row(triton, model_repo, phot
         def new_rows(seen: int) -> list[AuditEntry]:
             return store.audit_entries(seen, 1000)
 
+        # Its first start named the gallery's active model: the one row before any request.
+        assert [(e.action, e.key_id, e.outcome["active"]) for e in new_rows(0)] == [("model_activate", None, "face:1")]
+        start = new_rows(0)[-1].id
         obama_b64 = b64(photos["obama"])
         with gw.client("enroll") as c:
             r = c.post("/v1/identities", json={"name": "Barack Obama", "images": [{"data": obama_b64}]})
@@ -163,7 +166,7 @@ def test_gateway_writes_and_searches_each_leave_one_row(triton, model_repo, phot
             r = c.post(f"/v1/identities/{identity}/faces", json={"images": [{"data": b64(photos["obama2"])}]})
             assert r.status_code == 201, r.text
             second_face = r.json()["faces"][0]["id"]
-            log = new_rows(0)
+            log = new_rows(start)
             assert [(e.action, e.key_id, e.identity_id, e.face_ids) for e in log] == [
                 ("create_identity", key_id["enroll"], identity, first_faces),
                 ("enroll", key_id["enroll"], identity, [second_face])]
@@ -209,7 +212,7 @@ def test_gateway_writes_and_searches_each_leave_one_row(triton, model_repo, phot
     done = _cdface("audit", "export", "--db", str(gw.db), "--out", str(out))
     assert done.returncode == 0, done.stderr
     exported = out.read_text()
-    lines = [json.loads(line) for line in exported.splitlines()]
+    lines = [json.loads(line) for line in exported.splitlines()][1:]  # after the gateway's model_activate row
     assert [e["id"] for e in lines] == [e.id for e in log]  # one row per acknowledged write and search
     assert all(set(e) == {"id", "at", "key_id", "action", "identity_id", "face_ids", "outcome", "request_id",
                           "tenant"} for e in lines)

@@ -8,7 +8,6 @@ import sqlite3
 from types import SimpleNamespace
 
 import numpy as np
-
 import pytest
 
 from cdface.core.manifest import Evaluation
@@ -23,26 +22,25 @@ THRESHOLDS = {"1e-2": 0.25, "1e-3": 0.36, "1e-4": 0.45, "1e-5": 0.52}
 
 
 def _service(**settings):
-    """What ``decide`` reads: the settings and the served model's evaluation report."""
-    return SimpleNamespace(settings=Settings(**settings), manifest=SimpleNamespace(
-        evaluation=Evaluation(thresholds=THRESHOLDS)))
+    """What ``decide`` reads: the settings and the answering model's manifest (its evaluation report)."""
+    return Settings(**settings), SimpleNamespace(evaluation=Evaluation(thresholds=THRESHOLDS))
 
 
 def test_stricter_fars_are_granted_looser_ones_refused_by_default():
     service = _service(far=1e-3)
-    assert decide(service, None).threshold == 0.36
-    assert decide(service, 1e-4).threshold == 0.45
-    assert decide(service, 1e-3).threshold == 0.36  # the server's own FAR, asked for explicitly
+    assert decide(*service, None).threshold == 0.36
+    assert decide(*service, 1e-4).threshold == 0.45
+    assert decide(*service, 1e-3).threshold == 0.36  # the server's own FAR, asked for explicitly
     with pytest.raises(InvalidRequest) as refused:
-        decide(service, 1e-2)
+        decide(*service, 1e-2)
     assert refused.value.code == "threshold_below_floor" and "0.2500" in str(refused.value)
 
 
 def test_the_floor_is_a_setting():
-    assert decide(_service(far=1e-3, threshold_floor=0.2), 1e-2).threshold == 0.25  # an operator allowed it
+    assert decide(*_service(far=1e-3, threshold_floor=0.2), 1e-2).threshold == 0.25  # an operator allowed it
     with pytest.raises(InvalidRequest, match="floor of 0.5000"):
-        decide(_service(far=1e-5, threshold_floor=0.5), 1e-4)
-    assert decide(_service(far=1e-5, threshold_floor=0.5), None).threshold == 0.52
+        decide(*_service(far=1e-5, threshold_floor=0.5), 1e-4)
+    assert decide(*_service(far=1e-5, threshold_floor=0.5), None).threshold == 0.52
 
 
 @pytest.mark.slow

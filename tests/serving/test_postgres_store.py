@@ -51,8 +51,8 @@ def test_faces_and_models(store):
     np.testing.assert_array_equal(store.face_embeddings(a.id, M2), vec(3)[None])
     assert store.count_faces_by_model() == {M1: 2, M2: 1}
     assert list(store.faces_to_reembed(M2)) == [(faces[0].id, b"png")]
-    assert store.replace_embeddings([(faces[0].id, vec(9))], M2) == 1
-    assert store.count_faces_by_model() == {M1: 1, M2: 2}
+    assert store.add_embeddings([(faces[0].id, vec(9))], M2) == 1
+    assert store.count_faces_by_model() == {M1: 2, M2: 2}  # side by side: face 0 keeps its M1 embedding
     store.delete_face(a.id, faces[1].id)
     with pytest.raises(NotFound):
         store.delete_face(a.id, faces[1].id)

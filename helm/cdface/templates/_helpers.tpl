@@ -86,6 +86,12 @@ imagePullSecrets:
 {{- default (printf "%s-models" (include "cdface.fullname" .)) .Values.triton.modelRepository.pvc.existingClaim }}
 {{- end }}
 
+{{/* The Secret holding Triton's model-control key (key model-control-key): mounted by Triton and
+     the retraining pipeline pods only, never by the gateway. */}}
+{{- define "cdface.triton.controlSecretName" -}}
+{{- default (printf "%s-model-control" (include "cdface.triton.fullname" .)) .Values.triton.modelControl.existingSecret }}
+{{- end }}
+
 {{- define "cdface.engineCache.claimName" -}}
 {{- default (printf "%s-engine-cache" (include "cdface.fullname" .)) .Values.triton.tensorrt.engineCache.pvc.existingClaim }}
 {{- end }}
@@ -198,7 +204,7 @@ priorityClassName: {{ include "cdface.priorityClass.fullname" (dict "ctx" .ctx "
 {{- end }}
 {{- end }}
 
-{{/* ---------- gateway environment (also used by the re-embedding job) ---------- */}}
+{{/* ---------- gateway environment ---------- */}}
 
 {{- define "cdface.gateway.env" -}}
 - name: CDFACE_SERVE_TRITON_URL
@@ -222,31 +228,47 @@ priorityClassName: {{ include "cdface.priorityClass.fullname" (dict "ctx" .ctx "
 # The volume starts empty: the first gateway creates the gallery file (elsewhere a missing file is refused).
 - name: CDFACE_SERVE_CREATE_DB
   value: "true"
-{{- else if eq .Values.database.mode "postgresql" }}
-{{- $pg := .Values.database.postgresql }}
-# libpq (and psycopg over it) reads the password from PGPASSWORD: the URL carries none, so no
-# character of the password (@ / % :) can break it, and it never sits in a literal.
-- name: PGPASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "cdface.postgresql.secretName" . }}
-      key: password
-- name: CDFACE_SERVE_DATABASE_URL
-  value: {{ printf "postgresql://%s@%s:5432/%s" $pg.username (include "cdface.postgresql.fullname" .) $pg.database | quote }}
 {{- else }}
-- name: CDFACE_SERVE_DATABASE_URL
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "cdface.database.secretName" . }}
-      key: {{ include "cdface.database.secretKey" . }}
+{{ include "cdface.database.env" (dict "ctx" . "urlVar" "CDFACE_SERVE_DATABASE_URL") }}
 {{- end }}
 - name: CDFACE_SERVE_KEY_PEPPER
   valueFrom:
     secretKeyRef:
       name: {{ include "cdface.gateway.secretName" . }}
       key: key-pepper
+{{- with (include "cdface.cropKeys.env" .) }}
+{{ . }}
+{{- end }}
+{{- end }}
+
+{{/* A PostgreSQL gallery's URL as the environment variable urlVar, plus PGPASSWORD for the in-chart
+     database. Call with (dict "ctx" $ "urlVar" NAME); database.mode postgresql or external. */}}
+{{- define "cdface.database.env" -}}
+{{- $ctx := .ctx }}
+{{- if eq $ctx.Values.database.mode "postgresql" }}
+{{- $pg := $ctx.Values.database.postgresql }}
+# libpq (and psycopg over it) reads the password from PGPASSWORD: the URL carries none, so no
+# character of the password (@ / % :) can break it, and it never sits in a literal.
+- name: PGPASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cdface.postgresql.secretName" $ctx }}
+      key: password
+- name: {{ .urlVar }}
+  value: {{ printf "postgresql://%s@%s:5432/%s" $pg.username (include "cdface.postgresql.fullname" $ctx) $pg.database | quote }}
+{{- else }}
+- name: {{ .urlVar }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cdface.database.secretName" $ctx }}
+      key: {{ include "cdface.database.secretKey" $ctx }}
+{{- end }}
+{{- end }}
+
+{{/* The keys that seal retained crops (docs/data-protection.md); nothing when none are configured
+     (then no crop is retained). */}}
+{{- define "cdface.cropKeys.env" -}}
 {{- with .Values.gateway.cropKeys.existingSecret }}
-# Keys that seal retained crops (docs/data-protection.md); without them no crop is retained.
 - name: CDFACE_SERVE_CROP_KEYS
   valueFrom:
     secretKeyRef:
@@ -267,6 +289,9 @@ priorityClassName: {{ include "cdface.priorityClass.fullname" (dict "ctx" .ctx "
 # uvicorn's timeout_graceful_shutdown: the grace period less the preStop sleep and a margin.
 - name: CDFACE_SERVE_GRACEFUL_TIMEOUT_S
   value: {{ include "cdface.gateway.gracefulTimeout" . | quote }}
+# Shadow mode: the share of identify requests also scored with the candidate model, if any.
+- name: CDFACE_SERVE_SHADOW_SHARE
+  value: {{ include "cdface.envValue" .Values.gateway.shadowShare | quote }}
 # An admin key the gateway registers (hashed) at start, so there is a way in on a fresh database.
 - name: CDFACE_SERVE_BOOTSTRAP_ADMIN_KEY
   valueFrom:
@@ -362,6 +387,13 @@ priorityClassName: {{ include "cdface.priorityClass.fullname" (dict "ctx" .ctx "
 {{- end }}
 {{- if and (include "cdface.training.enabled" .) (ne .Values.triton.modelRepository.source "pvc") }}
 {{- fail "retraining publishes into the model repository volume: it needs triton.modelRepository.source=pvc" }}
+{{- end }}
+{{- if and (or .Values.training.job.enabled .Values.training.cronJob.enabled) (eq .Values.database.mode "sqlite") }}
+{{- fail "retraining re-embeds the gallery and moves the model pointer in the gallery database, which with database.mode=sqlite only the gateway pod can open: use database.mode=postgresql or external" }}
+{{- end }}
+{{- $dl := .Values.training.activeDeadlineSeconds }}
+{{- if and (or .Values.training.job.enabled .Values.training.cronJob.enabled) .Values.training.steps.train (le (int $dl.pipeline) (int $dl.train)) }}
+{{- fail "training.activeDeadlineSeconds.pipeline must exceed .train: the pipeline Job starts with the train Job and waits for it" }}
 {{- end }}
 {{- if and (include "cdface.training.enabled" .) .Values.training.steps.train (not .Values.training.dataset.existingClaim) }}
 {{- fail "training needs training.dataset.existingClaim (the volume holding the training data)" }}
