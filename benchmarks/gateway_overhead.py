@@ -45,12 +45,13 @@ from cdface.core.contract import INPUT_NAME
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _tiny_model(path: Path) -> Path:
-    """An embedding model that costs almost nothing: mean colour per channel -> a fixed 3 x 128 projection."""
+def _tiny_model(path: Path, seed: int = 0) -> Path:
+    """An embedding model that costs almost nothing: mean colour per channel -> a fixed 3 x 128 projection
+    (``seed`` draws the projection: another seed, another model)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     weight = numpy_helper.from_array(rng.standard_normal((3, 128)).astype(np.float32), "weight")
     bias = numpy_helper.from_array(rng.standard_normal(128).astype(np.float32), "bias")
     graph = helper.make_graph(

@@ -32,7 +32,7 @@ COPY training ./training
 COPY export ./export
 COPY serving ./serving
 # Every dependency at the version the tests ran with (torch's CUDA wheels bring their nvidia-* parts).
-RUN pip install --no-cache-dir -c trainer-constraints.txt ".[train,export]" \
+RUN pip install --no-cache-dir -c trainer-constraints.txt ".[train,export,serve]" \
  && pip install --no-cache-dir --extra-index-url https://pypi.nvidia.com "tensorrt-cu13==${TENSORRT_VERSION}" \
  && rm -rf /src
 RUN groupadd --system --gid 10001 cdface \

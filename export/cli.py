@@ -214,6 +214,10 @@ def add_version_command(
                                                     "cluster trial without GPUs."),
     dynamic_batching: Optional[bool] = typer.Option(None, "--dynamic-batching/--no-dynamic-batching",
                                                     help="Merge concurrent requests into batches (default on)."),
+    tensorrt_cache: Optional[str] = typer.Option(None, "--tensorrt-cache", help="onnxruntime_onnx on GPU: use ONNX "
+                                                 "Runtime's TensorRT accelerator (FP16), engines built by Triton "
+                                                 "when a version loads and kept in this directory (on Triton's "
+                                                 "side, e.g. /engine-cache)."),
 ) -> None:
     """Add an exported model to a Triton model repository as a new version (older versions stay)."""
     from cdface.export.triton_config import BACKENDS, is_backend
@@ -225,7 +229,7 @@ def add_version_command(
         repo, model, export_dir, backend=backend, version=version, max_batch_size=max_batch_size,
         preferred=_int_list(preferred, "--preferred"), queue_delay_us=queue_delay_us, instances=instances,
         version_policy=version_policy, ort_threads=ort_threads, gpus=_int_list(gpus, "--gpus"),
-        dynamic_batching=dynamic_batching, device=device,
+        dynamic_batching=dynamic_batching, device=device, tensorrt_cache=tensorrt_cache,
     )
     typer.echo(f"added {added.model_name} version {added.version} ({added.settings.backend}) at {added.path}; "
                f"serving policy {added.settings.version_policy}")

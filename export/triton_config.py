@@ -166,6 +166,10 @@ class ModelSettings:
     device: Literal["gpu", "cpu"] = "gpu"
     version_policy: VersionPolicy = VersionPolicy()
     ort_threads: int = DEFAULT_ORT_THREADS  # python backend only
+    # onnxruntime_onnx on GPU only: ONNX Runtime's TensorRT accelerator, engines (FP16) built by Triton for its
+    # own GPU when a version loads and kept in this directory, so a newly published version needs no engine
+    # built beforehand, and a pod restart reuses them. None: ONNX Runtime's CUDA provider.
+    tensorrt_cache: str | None = None
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -182,6 +186,9 @@ class ModelSettings:
             raise CdfaceError(f"device must be gpu or cpu, not {self.device!r}.")
         if self.backend == "tensorrt_plan" and self.device == "cpu":
             raise CdfaceError("a TensorRT plan runs only on a GPU; use onnxruntime_onnx or python for CPU instances.")
+        if self.tensorrt_cache is not None and (self.backend != "onnxruntime_onnx" or self.device != "gpu"):
+            raise CdfaceError("the TensorRT accelerator (an engine cache) is for onnxruntime_onnx on GPU instances; "
+                              "tensorrt_plan serves a prebuilt engine and the python backend runs on CPU.")
         if self.queue_delay_us < 0 or self.instances < 1 or self.ort_threads < 1 or self.embedding_size < 1:
             raise CdfaceError("queue delay must be >= 0 and instances, threads and embedding size >= 1.")
 
@@ -213,6 +220,10 @@ class ModelSettings:
         if self.dynamic_batching:
             config.dynamic_batching.preferred_batch_size.extend(self.preferred)
             config.dynamic_batching.max_queue_delay_microseconds = self.queue_delay_us
+        if self.tensorrt_cache is not None:
+            config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt", parameters={
+                "precision_mode": "FP16", "trt_engine_cache_enable": "true",
+                "trt_engine_cache_path": self.tensorrt_cache})
         return config
 
     def to_pbtxt(self) -> str:
@@ -244,6 +255,9 @@ class ModelSettings:
             else "gpu",
             version_policy=VersionPolicy.from_config(config),
             ort_threads=int(threads or DEFAULT_ORT_THREADS),
+            tensorrt_cache=next((a.parameters.get("trt_engine_cache_path", "") for a in
+                                 config.optimization.execution_accelerators.gpu_execution_accelerator
+                                 if a.name == "tensorrt"), None),
         )
 
 

@@ -190,6 +190,7 @@ def add_model_version(
     ort_threads: int | None = None,
     gpus: tuple[int, ...] | list[int] | None = None,
     device: str | None = None,
+    tensorrt_cache: str | None = None,
 ) -> ModelVersion:
     """Add ``export_dir`` (``model.onnx`` / ``model.plan`` + ``manifest.json``) as a new version.
 
@@ -248,6 +249,7 @@ def add_model_version(
             version_policy=VersionPolicy.parse(version_policy) if version_policy is not None else (
                 current.version_policy if current is not None else VersionPolicy()),
             ort_threads=pick(ort_threads, "ort_threads", DEFAULT_ORT_THREADS),
+            tensorrt_cache=pick(tensorrt_cache, "tensorrt_cache", None),
         )
         settings.validate()
 

@@ -200,16 +200,6 @@ def gallery_status(db: Optional[Path] = _DB, database_url: Optional[str] = _URL)
         store.close()
 
 
-def _model_ref(text: str) -> "ModelKey":
-    """``NAME:VERSION`` (a Triton model and one of its version directories) as a ModelKey."""
-    from cdface.serving.store import ModelKey
-
-    name, _, version = text.rpartition(":")
-    if not name or not version.isdigit() or int(version) < 1:
-        raise CdfaceError(f"--to {text!r}: expected NAME:VERSION, a Triton model and its version (e.g. face:2)")
-    return ModelKey(name, int(version))
-
-
 @gallery_app.command("reembed")
 def gallery_reembed(
     to: Optional[str] = typer.Option(None, "--to", metavar="NAME:VERSION", help="The Triton model and version to "
@@ -230,9 +220,12 @@ def gallery_reembed(
     without a retained crop cannot be re-embedded: they are counted and must be re-enrolled. Prints
     the result as JSON, with the model's coverage (faces it has embedded / faces in the gallery).
     """
+    from cdface.serving.store import ModelKey
+
     settings = _settings(db_path=db, database_url=database_url, model_repository=model_repository,
                          triton_url=triton_url)
-    print(json.dumps(dataclasses.asdict(asyncio.run(_reembed(settings, _model_ref(to) if to else None, batch)))))
+    target = ModelKey.parse(to) if to is not None else None
+    print(json.dumps(dataclasses.asdict(asyncio.run(_reembed(settings, target, batch)))))
 
 
 async def _reembed(settings: Settings, target: "ModelKey | None", batch: int) -> Reembedded:
@@ -299,7 +292,7 @@ def gallery_rotate_crop_key(
 
 @gallery_app.command("vacuum")
 def gallery_vacuum(db: Optional[Path] = _DB, database_url: Optional[str] = _URL) -> None:
-    """Rewrite the face and identity tables so deleted faces leave the database files (erasure).
+    """Rewrite the identity, face and embedding tables so deleted faces leave the database files (erasure).
 
     PostgreSQL keeps a deleted row in the table's file until it is vacuumed: this runs VACUUM FULL on
     faces and identities, which locks each table (ACCESS EXCLUSIVE) while it is copied, so run it in a

@@ -66,7 +66,8 @@ class SyncLag:
 class GalleryStatus:
     model: str
     faces_indexed: int
-    faces_other_models: dict[str, int]
+    faces_other_models: dict[str, int]  # faces embedded by each other model (beside the served one's, or alone)
+    faces_not_searchable: int  # faces without the served model's embedding: re-embed or re-enrol them
     index_kind: str
     on_gpu: bool
     loaded_in_s: float
@@ -303,7 +304,8 @@ class Gallery:
         counts = self.store.count_faces_by_model(tenant)
         others = {str(k): v for k, v in counts.items() if k != self.model}
         indexed = self.faces_indexed if tenant is None else self.faces_by_tenant().get(tenant, 0)
-        return GalleryStatus(str(self.model), indexed, others, self.index_kind, self.on_gpu,
+        missing = self.store.count_faces(tenant) - counts.get(self.model, 0)
+        return GalleryStatus(str(self.model), indexed, others, missing, self.index_kind, self.on_gpu,
                              round(self.load_seconds, 3))
 
     def check(self, only: str | None = None) -> dict[str, Any]:

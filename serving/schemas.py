@@ -223,7 +223,8 @@ class IdentityOut(BaseModel):
     updated: str
     face_count: int
     faces_needing_reenrolment: int | None = Field(
-        None, description="Faces made by another model than the served one (not searchable until re-embedded).")
+        None, description="Faces without the served model's embedding (not searchable until re-embedded or "
+                          "re-enrolled).")
 
 
 class IdentityPage(BaseModel):
@@ -240,8 +241,10 @@ class EnrollRequest(_ImagesIn):
 class FaceOut(BaseModel):
     id: int
     identity_id: str
-    model: str
-    current: bool = Field(description="Made by the served model (searchable); false = needs re-enrolment.")
+    model: str = Field(description="The model that enrolled it.")
+    models: list[str] = Field(description="Every model that embedded it (side by side): the enrolling one, models "
+                              "re-embedded to since, a candidate that was ready at enrolment.")
+    current: bool = Field(description="Embedded by the served model (searchable); false: re-embed or re-enrol it.")
     created: str
     has_crop: bool
     box: list[float] | None
@@ -294,7 +297,10 @@ class ReadinessOut(Readiness):
 class GalleryStatusOut(BaseModel):
     model: str
     faces_indexed: int
-    faces_other_models: dict[str, int]
+    faces_other_models: dict[str, int] = Field(description="Faces embedded by each other model (side by side with "
+                                               "the served model's embedding, or alone).")
+    faces_not_searchable: int = Field(description="Faces without the served model's embedding: not searchable until "
+                                      "re-embedded (`cdface gallery reembed`) or re-enrolled.")
     index_kind: str
     on_gpu: bool
     loaded_in_s: float

@@ -99,8 +99,9 @@ class IdentityPage(_Answer):
 class Face(_Answer):
     id: int
     identity_id: str
-    model: str
-    current: bool  # made by the served model (searchable)
+    model: str  # the model that enrolled it
+    current: bool  # embedded by the served model (searchable)
+    models: list[str] = []  # every model that embedded it
     created: str
     has_crop: bool
     box: list[float] | None = None
@@ -120,6 +121,7 @@ class GalleryStatus(_Answer):
     model: str
     faces_indexed: int
     faces_other_models: dict[str, int]
+    faces_not_searchable: int = 0
     index_kind: str
     on_gpu: bool
     loaded_in_s: float

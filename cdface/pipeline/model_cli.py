@@ -15,10 +15,10 @@ import typer
 from cdface.core.commandline import command_group
 from cdface.core.errors import CdfaceError
 from cdface.serving.cli import _DB, _URL, _setting, _settings
+from cdface.serving.store import ModelKey
 
 if TYPE_CHECKING:
     from cdface.pipeline.models import Lifecycle
-    from cdface.serving.store import ModelKey
     from cdface.serving.store.base import ModelState
 
 model_app = command_group(help="The served model: status, candidate, promote, rollback, Triton's versions.")
@@ -70,10 +70,10 @@ def model_candidate(ref: str = typer.Argument(..., help="NAME:VERSION of the Tri
                     db: Optional[Path] = _DB, database_url: Optional[str] = _URL, repository: Optional[Path] = _REPO,
                     triton_url: Optional[str] = _TRITON, grace_s: float = _GRACE) -> None:
     """Name the candidate: Triton serves it beside the active model, gateways index and shadow it."""
-    from cdface.pipeline.models import parse_ref, set_candidate
+    from cdface.pipeline.models import set_candidate
 
     with _lifecycle(db, database_url, repository, triton_url, grace_s) as lc:
-        _state(set_candidate(lc, parse_ref(ref)))
+        _state(set_candidate(lc, ModelKey.parse(ref)))
 
 
 @model_app.command("promote")
@@ -85,10 +85,10 @@ def model_promote(ref: Optional[str] = typer.Argument(None, help="NAME:VERSION (
                   db: Optional[Path] = _DB, database_url: Optional[str] = _URL, repository: Optional[Path] = _REPO,
                   triton_url: Optional[str] = _TRITON, grace_s: float = _GRACE) -> None:
     """Make the candidate the active model, if it covers the gallery and evaluates no worse."""
-    from cdface.pipeline.models import parse_ref, promote
+    from cdface.pipeline.models import promote
 
     with _lifecycle(db, database_url, repository, triton_url, grace_s) as lc:
-        _state(promote(lc, parse_ref(ref) if ref else None, margin=margin, without_baseline=without_baseline))
+        _state(promote(lc, ModelKey.parse(ref) if ref else None, margin=margin, without_baseline=without_baseline))
 
 
 @model_app.command("rollback")

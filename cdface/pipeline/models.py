@@ -45,14 +45,6 @@ IN_USE_WINDOW_S = 300.0
 """A gateway that reported a model within this window still uses it (gateways report every ~15 s)."""
 
 
-def parse_ref(text: str) -> ModelKey:
-    """``NAME:VERSION`` (a Triton model and version directory) -> ModelKey; one readable error otherwise."""
-    name, sep, version = text.rpartition(":")
-    if not sep or not name or not version.isdigit() or int(version) < 1:
-        raise CdfaceError(f"{text!r} is not NAME:VERSION (a Triton model name and a version number, e.g. face:2)")
-    return ModelKey(name, int(version))
-
-
 @dataclass(frozen=True)
 class Lifecycle:
     """What the lifecycle commands act on: the gallery's store, the Triton model repository and, when given,
@@ -222,9 +214,10 @@ def sync_triton(lc: Lifecycle, state: ModelState | None = None) -> dict[str, lis
 
 
 def control_headers() -> dict[str, str]:
-    """The header that Triton's restricted model-control API asks for (the chart gives it to pipeline pods only)."""
+    """The gRPC metadata that Triton's restricted model-control API asks for (the chart gives the key to pipeline
+    pods only). Triton reads a restricted gRPC header as ``triton-grpc-protocol-<header, lower case>``."""
     name, key = os.environ.get(CONTROL_HEADER_ENV), os.environ.get(CONTROL_KEY_ENV)
-    return {name: key} if name and key else {}
+    return {"triton-grpc-protocol-" + name.lower(): key} if name and key else {}
 
 
 def load_in_triton(triton_url: str, model: str) -> None:

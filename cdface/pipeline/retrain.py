@@ -101,6 +101,9 @@ class RetrainSettings(BaseSettings):
         "Triton max_batch_size of the model; default: its current config's."))
     engine_cache: Optional[Path] = Field(default=None, description=(
         "tensorrt_plan: TensorRT engine cache (default WORK_DIR/RUN_ID/engines)."))
+    tensorrt_cache: Optional[str] = Field(default=None, description=(
+        "onnxruntime_onnx on GPU: ONNX Runtime's TensorRT accelerator, engines built by Triton when the version "
+        "loads and kept in this directory on Triton's side (the chart's /engine-cache); default: the model's."))
     load_timeout_s: float = Field(default=600.0, gt=0, description="How long the load step waits for readiness.")
     grace_s: Optional[float] = Field(default=None, ge=0, description=(
         "How long the previous model stays loaded after a promotion; default: the lifecycle commands'."))
@@ -131,8 +134,9 @@ class RetrainSettings(BaseSettings):
         """The gateway's settings, with the gallery and Triton this run names where it names them."""
         from cdface.serving.settings import Settings
 
-        overrides = {"db_path": self.db_path, "database_url": self.database_url,
-                     "model_repository": self.model_repository, "model": self.model, "triton_url": self.triton_url}
+        overrides: dict[str, Any] = {
+            "db_path": self.db_path, "database_url": self.database_url, "model_repository": self.model_repository,
+            "model": self.model, "triton_url": self.triton_url}
         try:
             return Settings(**{k: v for k, v in overrides.items() if v is not None})
         except (ValidationError, ValueError) as exc:
@@ -202,7 +206,11 @@ class Retrain:
                     self._log(f"{step}: done earlier, skipped")
                     continue
                 started = time.monotonic()
-                result = actions[step](results)
+                try:
+                    result = actions[step](results)
+                except ModuleNotFoundError as exc:  # e.g. an image built with the train extra only
+                    raise CdfaceError(f"the {step} step needs the Python package {exc.name!r}, which is not "
+                                      "installed: install cdface with the train, export and serve extras") from None
                 seconds = round(time.monotonic() - started, 1)
                 results[step] = result
                 if self.main_process:
@@ -344,7 +352,8 @@ class Retrain:
                 write_manifest(self.run.export / "manifest.json", manifest)
             try:
                 added = add_model_version(repo, model, self.run.export, backend=backend, version=manifest.version,
-                                          max_batch_size=self.settings.max_batch_size)
+                                          max_batch_size=self.settings.max_batch_size,
+                                          tensorrt_cache=self.settings.tensorrt_cache)
             except CdfaceError:
                 if manifest.version in list_versions(repo, model):
                     continue
@@ -604,6 +613,8 @@ def retrain_command(
                                      "the model's)."),
     max_batch_size: Optional[int] = _option("max_batch_size", "--max-batch-size",
                                             help="Triton max_batch_size (default: the model's)."),
+    tensorrt_cache: Optional[str] = _option("tensorrt_cache", "--tensorrt-cache", help="onnxruntime_onnx on GPU: "
+                                            "TensorRT engines built by Triton at load, kept in this directory."),
     margin: Optional[float] = _option("margin", "--margin", help="Promotion refuses a candidate evaluated worse "
                                       "than the active model by more than this."),
     without_baseline: Optional[bool] = typer.Option(
@@ -619,7 +630,8 @@ def retrain_command(
     overrides: dict[str, Any] = {
         "run_id": run_id, "steps": steps, "preset": preset, "work_dir": work_dir, "model_repository": model_repository,
         "model": model, "triton_url": triton_url, "db_path": db, "database_url": database_url, "backend": backend,
-        "max_batch_size": max_batch_size, "margin": margin, "without_baseline": without_baseline}
+        "max_batch_size": max_batch_size, "tensorrt_cache": tensorrt_cache, "margin": margin,
+        "without_baseline": without_baseline}
     try:
         settings = RetrainSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
@@ -627,8 +639,10 @@ def retrain_command(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and settings.steps != ("train",):
         raise CdfaceError("under torchrun only the train step runs (--steps train); run the others in one process")
     main_process = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, stream=sys.stderr,
+    # cdface's own progress lines (one per step, the trainer's); libraries only when they warn.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cdface").setLevel(logging.INFO if main_process else logging.WARNING)
     results = Retrain(settings, train_overrides or [], main_process=main_process).execute()
     if main_process:
         typer.echo(json.dumps({"run_id": settings.run_id, "steps": results}, indent=2))

@@ -68,7 +68,8 @@ def created_identity(record: Identity, enrolled: list[Face], served: ModelKey) -
 
 
 def faces(records: list[Face], served: ModelKey) -> list[s.FaceOut]:
-    return [s.FaceOut(id=f.id, identity_id=f.identity_id, model=str(f.model), current=f.model == served,
+    return [s.FaceOut(id=f.id, identity_id=f.identity_id, model=str(f.model), models=[str(m) for m in f.models],
+                      current=served in f.models,
                       created=f.created, has_crop=f.has_crop, box=f.box, quality=f.quality) for f in records]
 
 

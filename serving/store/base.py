@@ -76,6 +76,15 @@ class ModelKey:
     def __str__(self) -> str:
         return f"{self.name}:{self.version}"
 
+    @classmethod
+    def parse(cls, text: str) -> ModelKey:
+        """``NAME:VERSION`` (e.g. ``face:2``; the name may hold colons, the version is after the last one)."""
+        name, _, version = text.rpartition(":")
+        if not name or not version.isdigit() or int(version) < 1:
+            raise InvalidRequest(f"{text!r} is not NAME:VERSION (a model name and a version number from 1, e.g. "
+                                 f"face:2)", code="invalid_model_ref")
+        return cls(name, int(version))
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -115,6 +124,7 @@ class Face:
     has_crop: bool
     box: list[float] | None
     quality: dict[str, float]
+    models: tuple[ModelKey, ...] = ()  # the models that embedded it (side by side), by name and version
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import abc
 import contextlib
 import json
 import threading
+from dataclasses import replace
 from string import Template
 from typing import Any, ContextManager, Iterator, Sequence
 
@@ -480,7 +481,8 @@ class SqlStore(GalleryStore):
                 self._insert_embedding(db, face_id, model, _vector(embedding), now)
             self._log(db, "face.add", identity_id, face_id)
             out.append(Face(face_id, identity_id, face.model, int(vector.size), now, face.crop is not None,
-                            face.box, dict(face.quality)))
+                            face.box, dict(face.quality), tuple(sorted([face.model, *(m for m, _ in face.also)],
+                                                                       key=str))))
         return out
 
     def _insert_embedding(self, db: Any, face_id: int, model: ModelKey, vector: np.ndarray, now: str) -> bool:
@@ -499,7 +501,15 @@ class SqlStore(GalleryStore):
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        return [_face(r) for r in self._read(sql, tuple(args))]
+        faces = [_face(r) for r in self._read(sql, tuple(args))]
+        if not faces:
+            return faces
+        where, ids = self._in("face_id", [f.id for f in faces])
+        models: dict[int, list[ModelKey]] = {}
+        for face_id, name, version in self._read(f"SELECT face_id, model_name, model_version FROM face_embeddings "
+                                                 f"WHERE {where}", ids):
+            models.setdefault(int(face_id), []).append(ModelKey(name, int(version)))
+        return [replace(f, models=tuple(sorted(models.get(f.id, []), key=str))) for f in faces]
 
     def face_crop(self, identity_id: str, face_id: int, *, tenant: str = DEFAULT_TENANT) -> bytes:
         rows = self._read(f"SELECT crop FROM faces WHERE id = ? AND identity_id = ? AND {_IN_TENANT}",
@@ -663,12 +673,7 @@ class SqlStore(GalleryStore):
 
     def models_in_use(self, since: str) -> set[ModelKey]:
         rows = self._read(f"SELECT models FROM gateway_heartbeats WHERE at{self.byte_order} >= ?", (since,))
-        used = set()
-        for (listed,) in rows:
-            for text in json.loads(listed):
-                name, _, version = text.rpartition(":")
-                used.add(ModelKey(name, int(version)))
-        return used
+        return {ModelKey.parse(text) for (listed,) in rows for text in json.loads(listed)}
 
     # -- the change feed ------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ log = logging.getLogger("cdface.serving.identities")
 @dataclass(frozen=True)
 class IdentityDetail:
     identity: Identity
-    faces_needing_reenrolment: int  # faces made by another model than the served one
+    faces_needing_reenrolment: int  # faces without the served model's embedding
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def list_identities(service: FaceService, limit: int, cursor: str | None, extern
 
 def get_identity(service: FaceService, identity_id: str, tenant: str = DEFAULT_TENANT) -> IdentityDetail:
     identity = service.store.get_identity(identity_id, tenant=tenant)
-    stale = sum(f.model != service.model_key for f in service.store.list_faces(identity_id, tenant=tenant))
+    stale = sum(service.model_key not in f.models for f in service.store.list_faces(identity_id, tenant=tenant))
     return IdentityDetail(identity, stale)
 
 

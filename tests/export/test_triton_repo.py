@@ -63,6 +63,25 @@ def test_python_config_runs_on_cpu_with_thread_parameters():
     assert list(config.dynamic_batching.preferred_batch_size) == [16, 32]
 
 
+def test_tensorrt_accelerator_builds_engines_into_a_cache_when_a_version_loads(tmp_path, exported_model):
+    settings = ModelSettings(name="face", backend="onnxruntime_onnx", embedding_size=512,
+                             preferred_batch_sizes=(16, 32), tensorrt_cache="/engine-cache")
+    config = parse_config(settings.to_pbtxt())
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt" and dict(accelerator.parameters) == {
+        "precision_mode": "FP16", "trt_engine_cache_enable": "true", "trt_engine_cache_path": "/engine-cache"}
+    assert ModelSettings.from_proto(config) == settings
+    assert not parse_config(ModelSettings(name="face", backend="onnxruntime_onnx", embedding_size=512).to_pbtxt()
+                            ).HasField("optimization")
+    # A version added later keeps the model's accelerator, as it keeps the other tuning.
+    add_model_version(tmp_path, "face", exported_model.dir, backend="onnxruntime_onnx", tensorrt_cache="/engine-cache")
+    add_model_version(tmp_path, "face", exported_model.dir, backend="onnxruntime_onnx")
+    assert read_settings(tmp_path, "face").tensorrt_cache == "/engine-cache"
+    for wrong in ({"backend": "python"}, {"backend": "onnxruntime_onnx", "device": "cpu"}):
+        with pytest.raises(CdfaceError, match="TensorRT accelerator"):
+            ModelSettings(name="face", embedding_size=512, tensorrt_cache="/c", **wrong).validate()
+
+
 def test_settings_refuse_nonsense():
     with pytest.raises(CdfaceError, match="preferred batch sizes"):
         ModelSettings(name="face", backend="python", embedding_size=8, max_batch_size=8,

@@ -49,6 +49,10 @@ CASES: dict[str, list[str]] = {
     "external-db": ["--set", "database.mode=external", "--set", "database.external.existingSecret=cdface-db",
                     "--set", "gateway.replicaCount=3", "--set", "gateway.secrets.existingSecret=cdface-keys",
                     "--set", "triton.modelControl.existingSecret=cdface-triton-control"],
+    # The operator's `cdface model` Job and the scheduled Triton sync beside everything else.
+    "model-commands": ["-f", str(EXAMPLES / "multi-gpu-postgresql.yaml"), "--set", "training.cronJob.enabled=true",
+                       "--set", "model.command.enabled=true", "--set", "model.command.args={rollback}",
+                       "--set", "model.syncTriton.enabled=true"],
     # The in-chart PostgreSQL with its nightly pg_dump CronJob.
     "postgresql-backup": ["-f", str(EXAMPLES / "multi-gpu-postgresql.yaml"),
                           "--set", "database.postgresql.backup.enabled=true"],
@@ -620,12 +624,17 @@ def test_steps_run_in_a_real_shell_and_wait_for_the_marker(helm, tmp_path):
     script = wait.replace("/checkpoints/", f"{tmp_path}/").replace("sleep 60", "sleep 0.05")
     proc = subprocess.Popen(["sh", "-c", script], env={"RUN_ID": "1", "PATH": "/usr/bin:/bin"},
                             stdout=subprocess.PIPE, text=True)
-    with pytest.raises(subprocess.TimeoutExpired):
-        proc.wait(timeout=0.5)  # no marker: still waiting
-    (tmp_path / "1" / "steps").mkdir(parents=True)
-    (tmp_path / "1" / "steps" / "train.json").write_text("{}")
-    assert proc.wait(timeout=10) == 0
-    assert "run 1: waiting for" in proc.stdout.read()
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.5)  # no marker: still waiting
+        (tmp_path / "1" / "steps").mkdir(parents=True)
+        (tmp_path / "1" / "steps" / "train.json").write_text("{}")
+        assert proc.wait(timeout=10) == 0
+        assert "run 1: waiting for" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:  # a failed check must not leave the loop running
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.parametrize("kind", ["Job", "CronJob"])
@@ -648,7 +657,7 @@ def test_retraining_jobs_have_deadlines_and_a_failure_policy(helm, kind):
         # exit 2 (a refused gate, bad input): fail the Job at once, no retry
         assert rules[0] == {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}}
         # evicted or preempted: not a failure of the run
-        assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+        assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
         assert len(rules) == 2
 
 
@@ -670,7 +679,8 @@ def test_run_ids_are_stable_across_retries(helm, tmp_path):
     for _, c in cron:
         env = {e["name"]: e for e in c["env"]}
         assert "RUN_ID" not in env
-        assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+        field = env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"]
+        assert field == "metadata.labels['batch.kubernetes.io/job-name']"
     # The CronJob controller names a scheduled run's Jobs <cronjob>-<scheduled minutes>: both CronJobs'
     # Jobs of one schedule derive the same id (run in a real shell), whatever the names before it.
     names = {obj["metadata"]["name"] for obj, _ in cron}
@@ -861,6 +871,21 @@ def test_no_host_path_unless_asked(helm, case):
         trt = render(helm, "--set", "triton.tensorrt.enabled=true")
         cache = [v for _, v in _volumes(trt) if v["name"] == "engine-cache"]
         assert cache and "emptyDir" in cache[0] and not [v for _, v in _volumes(trt) if "hostPath" in v]
+
+
+def test_versions_published_with_tensorrt_on_get_the_accelerator_and_the_cache_triton_mounts(helm):
+    """Triton builds a new version's engine when it loads it, into the cache it mounts: the pipeline publishes
+    into the repository Triton serves with the accelerator asked for, so no engine is prepared beforehand."""
+    def pipeline_command(*args: str) -> str:
+        pods = _retraining_pods(render(helm, *CASES["everything"], *args), "Job")
+        return next(p for p in pods.values() if p["containers"][0]["name"] == "pipeline")["containers"][0][
+            "command"][2]
+
+    assert "--tensorrt-cache" not in pipeline_command("--set", "triton.tensorrt.enabled=false")
+    with_trt = render(helm, *CASES["everything"], "--set", "triton.tensorrt.enabled=true")
+    assert "--tensorrt-cache /engine-cache" in pipeline_command("--set", "triton.tensorrt.enabled=true")
+    triton = one(with_trt, "Deployment", "-triton")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "engine-cache", "mountPath": "/engine-cache"} in triton["volumeMounts"]
 
 
 def test_host_path_engine_cache_is_handed_to_triton(helm):
@@ -1272,7 +1297,7 @@ def test_model_control_api_is_restricted_to_the_pipeline(helm):
         "name": name, "key": "model-control-key"}
     # Who may read the Secret: Triton and the pipeline pods, nobody else (not the gateway, not training).
     readers = set()
-    for obj, tpl in pod_templates(docs):
+    for _, tpl in pod_templates(docs):
         if name in json.dumps(tpl):
             readers.add(component(tpl["metadata"]["labels"]))
     assert readers == {"triton", "pipeline"}
@@ -1285,7 +1310,7 @@ def test_model_control_api_is_restricted_to_the_pipeline(helm):
             assert env["CDFACE_TRITON_CONTROL_KEY"]["valueFrom"]["secretKeyRef"] == {
                 "name": name, "key": "model-control-key"}
             # every Triton pod, ready or not (explicit mode: each pod loads a version only when told)
-            assert env["CDFACE_RETRAIN_TRITON_URL"]["value"] == \
+            assert env["CDFACE_SERVE_TRITON_URL"]["value"] == \
                 "dns:///faces-cdface-triton-pods.cdface.svc.cluster.local:8001"
     # The header is a value; an existing Secret replaces the generated one everywhere.
     docs = render(helm, *CASES["everything"], "--set", "triton.modelControl.header=X-Ops-Key",
@@ -1302,15 +1327,16 @@ def test_pipeline_reaches_the_gallery_database_and_crops(helm):
     docs = render(helm, *CASES["everything"], "--set", "gateway.cropKeys.existingSecret=crop-keys")
     pipeline = one(docs, "Job", "-run-1")["spec"]["template"]["spec"]["containers"][0]
     env = _env(pipeline)
-    assert env["CDFACE_RETRAIN_DATABASE_URL"]["value"] == "postgresql://cdface@faces-cdface-postgresql:5432/cdface"
+    assert env["CDFACE_SERVE_DATABASE_URL"]["value"] == "postgresql://cdface@faces-cdface-postgresql:5432/cdface"
+    assert env["CDFACE_SERVE_MODEL_REPOSITORY"]["value"] == "/models" and env["CDFACE_SERVE_MODEL"]["value"] == "face"
     assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "faces-cdface-postgresql"
     assert env["CDFACE_SERVE_CROP_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "crop-keys", "key": "crop-keys"}
     assert "CDFACE_SERVE_KEY_PEPPER" not in env  # API keys are the gateway's business only
     external = render(helm, *CASES["external-db"], "--set", "training.job.enabled=true",
                       "--set", "training.dataset.existingClaim=d")
     env = _env(one(external, "Job", "-run-1")["spec"]["template"]["spec"]["containers"][0])
-    assert env["CDFACE_RETRAIN_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "cdface-db",
-                                                                                "key": "database-url"}
+    assert env["CDFACE_SERVE_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "cdface-db",
+                                                                              "key": "database-url"}
     assert "PGPASSWORD" not in env
 
 
@@ -1325,7 +1351,7 @@ def test_retraining_values_reach_the_command(helm):
     assert "--backend onnxruntime_onnx --max-batch-size 32" in pipeline["command"][2]
     assert "--margin" not in pipeline["command"][2] and "CDFACE_RETRAIN_GRACE_S" not in _env(pipeline)
     docs = render(helm, *CASES["everything"], "--set", "training.promoteMargin=0.01", "--set",
-                  "training.gracePeriodSeconds=7200", "--set", "training.autoPromote=false", "--set",
+                  "model.gracePeriodSeconds=7200", "--set", "training.autoPromote=false", "--set",
                   "training.twoStage=false", "--set", "training.dataset.heldOut={lfw.bin}")
     pipeline = one(docs, "Job", "-run-1")["spec"]["template"]["spec"]["containers"][0]
     assert "--margin 0.01" in pipeline["command"][2]
@@ -1409,3 +1435,40 @@ def test_rendered_model_control_flags_restrict_a_real_triton(helm, tmp_path):
         finally:
             http.close()
             grpc.close()
+
+
+def test_model_commands_run_as_pipeline_pods(helm):
+    """The operator's `cdface model` steps as a one-off Job, and the scheduled sync that unloads a
+    version once nobody can call it: pipeline pods (database, repository, every Triton pod, the key)."""
+    base = [*CASES["everything"], "--set", "model.gracePeriodSeconds=3600"]
+    assert not [d for d in render(helm, *base) if d["metadata"]["name"].startswith("faces-cdface-model-")
+                and d["kind"] in ("Job", "CronJob")]
+    docs = render(helm, *base, "--set", "model.command.enabled=true", "--set", "model.command.id=promote-4",
+                  "--set", "model.command.args={promote,face:4,--margin,0.01}",
+                  "--set", "model.syncTriton.enabled=true")
+    job = one(docs, "Job", "-model-promote-4")
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["command"] == ["cdface", "model", "promote", "face:4", "--margin", "0.01",
+                            "--triton-url", "$(CDFACE_SERVE_TRITON_URL)", "--grace-s", "3600"]
+    env = _env(c)
+    assert env["CDFACE_SERVE_TRITON_URL"]["value"] == "dns:///faces-cdface-triton-pods.cdface.svc.cluster.local:8001"
+    assert env["CDFACE_TRITON_CONTROL_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "faces-cdface-triton-model-control"
+    assert {m["name"]: m.get("readOnly", False) for m in c["volumeMounts"]}["models"] is False  # writes the policy
+    assert component(job["spec"]["template"]["metadata"]["labels"]) == "pipeline"
+    assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]  # a refusal is final
+    assert not gpu_limit(c)
+    sync = one(docs, "CronJob", "-model-sync")
+    cmd = sync["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd == ["cdface", "model", "sync-triton", "--triton-url", "$(CDFACE_SERVE_TRITON_URL)", "--grace-s", "3600"]
+    assert sync["spec"]["concurrencyPolicy"] == "Forbid"
+    # `status` only reads: no Triton target
+    status = render(helm, *CASES["everything"], "--set", "model.command.enabled=true")
+    assert one(status, "Job", "-model-1")["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "cdface", "model", "status"]
+    # refused: an unknown command, and SQLite (the gallery is inside the gateway pod)
+    done = run_helm(helm, "template", "x", str(CHART), *CASES["everything"], "--set", "model.command.enabled=true",
+                    "--set", "model.command.args={delete}")
+    assert done.returncode != 0 and "/model/command/args" in done.stderr
+    done = run_helm(helm, "template", "x", str(CHART), "--set", "model.syncTriton.enabled=true")
+    assert done.returncode != 0 and "SQLite" in done.stderr

@@ -12,14 +12,14 @@ import asyncio
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "face"
@@ -121,6 +121,7 @@ def versions_on_disk(repo: Path) -> dict[str, float]:
     return {p.name: p.stat().st_mtime for p in model_dir.iterdir() if p.name.isdigit()}
 
 
+@pytest.mark.slow
 def test_retrain_end_to_end_and_a_second_run_publishes_nothing_new(tmp_path, face_photos, yunet_onnx):
     from cdface.devtools.triton_local import TritonServer
     from cdface.export.triton_config import read_settings
@@ -143,9 +144,23 @@ def test_retrain_end_to_end_and_a_second_run_publishes_nothing_new(tmp_path, fac
                   "--model", MODEL, "--triton-url", triton.grpc_url, "--db", str(db), *TRAIN,
                   "--set", f"data.path={data}", "--set", f"data.val=[{data / 'val.bin'}]"]
 
+        # Killed (SIGKILL) once the pretrain stage has checkpointed (its first epoch, 4 of 8 steps): the run resumes.
+        with open(tmp_path / "killed.log", "wb") as log:
+            killed = subprocess.Popen([sys.executable, "-m", "cdface.cli", *common, "--steps", "train"],
+                                      cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        checkpoint = work / "nightly-1" / "pretrain" / "checkpoints" / "last.pt"
+        while not checkpoint.exists() and killed.poll() is None:
+            time.sleep(0.02)
+        killed.kill()
+        assert killed.wait() == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+        assert not (work / "nightly-1" / "steps" / "train.json").exists()
+
         # Without the re-embedding, promotion refuses: the new version stays the candidate, one line, exit 2.
         refused = cdface(*common, "--steps", "train,eval,export,publish,load,promote", env=env)
         assert refused.returncode == 2, refused.stderr[-3000:]
+        assert f"resumed from {checkpoint} at step 4" in refused.stderr
+        assert json.loads((work / "nightly-1" / "steps" / "train.json").read_text())["result"]["steps"] == {
+            "pretrain": 8, "joint": 4}
         error = [line for line in refused.stderr.splitlines() if line.startswith("cdface: error:")]
         assert len(error) == 1 and "face:2 stays the candidate" in error[0] and "covers 0 of 8 faces" in error[0]
         steps_dir = work / "nightly-1" / "steps"
@@ -202,3 +217,38 @@ def test_retrain_end_to_end_and_a_second_run_publishes_nothing_new(tmp_path, fac
     assert json.loads(retried.stdout)["steps"]["publish"] == {"model": MODEL, "version": 2, "added": False}
     assert versions_on_disk(repo) == before
     assert json.loads((repo / MODEL / ".cdface-runs" / "nightly-1.json").read_text())["version"] == 2
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    ([], "run_id"),
+    (["--run-id", "../elsewhere"], "run_id"),
+    (["--run-id", "r1", "--steps", "train,deploy"], "steps"),
+    (["--run-id", "r1", "--backend", "tflite"], "backend"),
+    (["--run-id", "r1", "--triton-url", "triton"], "triton_url"),
+])
+def test_bad_settings_are_refused_in_one_line(tmp_path, args, named):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDFACE_RETRAIN_")}
+    done = cdface("retrain", "--work-dir", str(tmp_path), *args, env=env)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cdface: error: invalid ") and named in lines[0], done.stderr
+    assert not (tmp_path / "r1").exists()
+
+
+def test_a_step_refuses_to_run_before_the_steps_it_needs(tmp_path):
+    done = cdface("retrain", "--run-id", "r1", "--work-dir", str(tmp_path), "--steps", "export,publish",
+                  "--model-repository", str(tmp_path / "models"), env=dict(os.environ))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"cdface: error: run r1 has not done the eval step ({tmp_path / 'r1' / 'steps' / 'eval.json'} is missing): "
+        "run it first (--steps eval,...)")
+    assert not (tmp_path / "models").exists()
+
+
+def test_the_load_step_reaches_every_server_a_target_names():
+    from cdface.pipeline.retrain import triton_servers
+
+    assert triton_servers("ipv4:10.0.0.1:8001,10.0.0.2:8001") == ["10.0.0.1:8001", "10.0.0.2:8001"]
+    assert triton_servers("localhost:8001") == ["127.0.0.1:8001"]  # resolved: a headless Service name lists pods
+    assert triton_servers("dns:///localhost:8001") == ["127.0.0.1:8001"]
+    assert triton_servers("127.0.0.2:9001") == ["127.0.0.2:9001"]

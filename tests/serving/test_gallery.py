@@ -91,6 +91,7 @@ def test_gallery_search_enroll_delete_and_rebuild(tmp_path, kind):
     other = Gallery(store, ModelKey("other", 1), DIM, spec)
     other.load()
     assert other.faces_indexed == 0 and other.status().faces_other_models == {str(MODEL): 189}
+    assert other.status().faces_not_searchable == 189
     # rebuilt from the store equals the live index
     fresh = Gallery(SQLiteStore(tmp_path / "g.db"), MODEL, DIM, spec)
     fresh.load()

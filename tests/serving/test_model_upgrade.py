@@ -61,12 +61,12 @@ def _mirrored(path: Path) -> bytes:
 class IdentifyLoad:
     """Identify requests, one after another per thread, through the gateways in turn until stopped; every
     answer is kept: (gateway, expected identity id, status, top-1 identity id or None, the model it names,
-    the thread that asked)."""
+    the thread that asked, the decision threshold)."""
 
     def __init__(self, gateways, probes: dict[str, str], threads: int = 2) -> None:
         self.gateways, self.probes = gateways, probes  # identity id -> the probe image (base64)
         self.stop = threading.Event()
-        self.answers: list[tuple[int, str, int, str | None, str | None, int]] = []
+        self.answers: list[tuple[int, str, int, str | None, str | None, int, float | None]] = []
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
     def _run(self, worker: int) -> None:
@@ -80,14 +80,14 @@ class IdentifyLoad:
             try:
                 r = clients[which].post("/v1/identify", json={"image": {"data": image}, "top_k": 3})
             except httpx.HTTPError as exc:
-                self.answers.append((which, expected, -1, None, type(exc).__name__, worker))
+                self.answers.append((which, expected, -1, None, type(exc).__name__, worker, None))
                 continue
             body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
             match = body.get("faces", [{}])[0].get("match") if r.status_code == 200 else None
             model = body.get("model") or {}
             self.answers.append((which, expected, r.status_code, match and match["identity_id"],
                                  f"{model.get('triton_model')}:{model.get('triton_version')}" if model else None,
-                                 worker))
+                                 worker, body.get("threshold")))
         for c in clients:
             c.close()
 
@@ -191,6 +191,11 @@ def test_an_upgrade_and_a_rollback_under_identify_load_fail_no_request(sface_exp
                 since_rollback = len(load.answers)
                 while len(load.answers) < since_rollback + 20:  # v1 answers again, the late identity included
                     time.sleep(0.2)
+            # Each face holds both models' embeddings side by side, whichever model enrolled it.
+            with gateways[0].client("admin") as admin:
+                for identity in probes:
+                    (face,) = admin.get(f"/v1/identities/{identity}/faces").json()["items"]
+                    assert sorted(face["models"]) == ["sface:1", "test-face:2"] and face["current"], face
         finally:
             for gw in gateways:
                 gw.stop()
@@ -204,6 +209,8 @@ def test_an_upgrade_and_a_rollback_under_identify_load_fail_no_request(sface_exp
     assert failed == [], failed[:5]
     assert wrong == [], wrong[:5]
     assert unnamed == [], unnamed[:5]
+    # The threshold switches with the model: each answer is decided with its own model's (from its manifest).
+    assert {(a[4], a[6]) for a in answers} == {(V1, 0.363), (V2, 0.5)}
     # The models each gateway answered one thread's requests with, in order: v1, v2 after the promotion, then v1
     # again (one thread's requests are sequential; two threads' answers may complete out of order).
     for which in range(2):

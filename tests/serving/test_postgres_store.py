@@ -168,7 +168,9 @@ def test_cli_keys_and_gallery_take_a_database_url(postgres_url):
     record = verify_key(store, key, None)
     assert record is not None and record.scopes == ("admin",)
     assert record.id in cli("keys", "list")
-    assert json.loads(cli("gallery", "status")) == {"faces_by_model": {}, "last_change": 0}
+    assert json.loads(cli("gallery", "status")) == {"faces_total": 0, "faces_by_model": {}, "active": None,
+                                                    "candidate": None, "previous": None, "promoted": None,
+                                                    "last_change": 0}
     cli("keys", "revoke", record.id)
     assert verify_key(store, key, None) is None
     store.close()

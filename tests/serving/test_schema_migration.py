@@ -210,27 +210,35 @@ def test_reopening_a_migrated_gallery_changes_nothing(tmp_path):
         again.close()
 
 
-def test_a_failed_migration_leaves_the_gallery_as_it_was(tmp_path):
-    import sqlite3
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_a_failed_migration_leaves_the_gallery_as_it_was(database, request, tmp_path):
+    """The migration is one transaction: when a step fails (here a stray table where face_embeddings goes), the
+    gallery stays at version 2 with every embedding where it was."""
+    stray = "CREATE TABLE face_embeddings (unrelated TEXT)"
+    if database == "sqlite":
+        import sqlite3
 
-    _old_sqlite(tmp_path / "old.db", 2)
-    with sqlite3.connect(tmp_path / "old.db") as db:  # a stray table in the way: the move of the embeddings fails
-        db.execute("CREATE TABLE face_embeddings (unrelated TEXT)")
-    with pytest.raises(CdfaceError, match="cannot open the gallery database"):
-        SQLiteStore(tmp_path / "old.db")
-    with sqlite3.connect(tmp_path / "old.db") as db:  # still version 2, every embedding still in faces
-        assert db.execute("SELECT version FROM schema_version").fetchone() == (2,)
-        assert [bytes(r[0]) for r in db.execute("SELECT embedding FROM faces ORDER BY id")] == \
-            [e.tobytes() for _, e in _faces(2).values()]
+        _old_sqlite(tmp_path / "old.db", 2)
+        with sqlite3.connect(tmp_path / "old.db") as db:
+            db.execute(stray)
+        with pytest.raises(CdfaceError, match="cannot open the gallery database"):
+            SQLiteStore(tmp_path / "old.db")
+        with sqlite3.connect(tmp_path / "old.db") as db:
+            version = db.execute("SELECT version FROM schema_version").fetchone()[0]
+            stored = [bytes(r[0]) for r in db.execute("SELECT embedding FROM faces ORDER BY id")]
+    else:
+        import psycopg
 
+        from cdface.serving.store.postgres import PostgresStore
 
-def test_a_newer_schema_is_refused(tmp_path):
-    import sqlite3
-
-    SQLiteStore(tmp_path / "new.db").close()
-    db = sqlite3.connect(str(tmp_path / "new.db"))
-    db.execute("UPDATE schema_version SET version = 99")
-    db.commit()
-    db.close()
-    with pytest.raises(CdfaceError, match="schema version 99"):
-        SQLiteStore(tmp_path / "new.db")
+        url = request.getfixturevalue("postgres_url")
+        _old_postgres(url, 2)
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute(stray)
+        with pytest.raises(CdfaceError, match="cannot open the gallery database"):
+            PostgresStore(url)
+        with psycopg.connect(url, autocommit=True) as db:
+            version = db.execute("SELECT version FROM schema_version").fetchone()[0]
+            stored = [bytes(r[0]) for r in db.execute("SELECT embedding FROM faces ORDER BY id")]
+    assert version == 2
+    assert stored == [e.tobytes() for _, e in _faces(2).values()]

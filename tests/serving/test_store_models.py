@@ -131,18 +131,24 @@ def test_model_pointer_compare_and_set(store):
     assert (audit[1].key_id, audit[1].request_id) == ("k_ops", "req-1")
 
 
-def test_the_model_pointer_survives_reopening(store, tmp_path):
-    store.set_model_state(A, B, None, action="model_candidate")
+def test_the_model_pointer_is_shared_by_every_connection_to_the_gallery(store):
+    """Two gateways (two connections) that read the same pointer and both try to move it: one wins."""
+    seen = store.set_model_state(A, B, None, action="model_candidate")
     if isinstance(store, SQLiteStore):
-        again = SQLiteStore(store.path)
+        other = SQLiteStore(store.path)
     else:
         from cdface.serving.store.postgres import PostgresStore
 
-        again = PostgresStore(store.url)
+        other = PostgresStore(store.url)
     try:
-        assert again.model_state() == store.model_state() and again.model_state().candidate == B
+        assert other.model_state() == seen
+        promoted = other.set_model_state(B, None, A, action="model_promote", expect=seen)
+        with pytest.raises(Conflict) as lost:
+            store.set_model_state(A, C, None, action="model_candidate", expect=seen)
+        assert lost.value.code == "model_state_changed"
+        assert store.model_state() == promoted
     finally:
-        again.close()
+        other.close()
 
 
 def test_shadow_counts_accumulate_per_pair(store):
@@ -169,3 +175,14 @@ def test_heartbeats_report_the_models_in_use_since_a_time(store):
     assert store.models_in_use(ago(7200)) == {A, B}
     store.report_models_in_use("gw-3", [ModelKey("name:with:colons", 3)])
     assert ModelKey("name:with:colons", 3) in store.models_in_use(ago(60))
+
+
+def test_model_refs_parse_as_name_and_version():
+    from cdface.serving.errors import InvalidRequest
+
+    assert ModelKey.parse("face:2") == B and ModelKey.parse("org:face:12") == ModelKey("org:face", 12)
+    assert str(ModelKey.parse(str(C))) == "other:7"
+    for bad in ("face", "face:", ":2", "face:0", "face:-1", "face:x"):
+        with pytest.raises(InvalidRequest) as refused:
+            ModelKey.parse(bad)
+        assert refused.value.code == "invalid_model_ref" and "NAME:VERSION" in str(refused.value)

@@ -391,6 +391,12 @@ priorityClassName: {{ include "cdface.priorityClass.fullname" (dict "ctx" .ctx "
 {{- if and (or .Values.training.job.enabled .Values.training.cronJob.enabled) (eq .Values.database.mode "sqlite") }}
 {{- fail "retraining re-embeds the gallery and moves the model pointer in the gallery database, which with database.mode=sqlite only the gateway pod can open: use database.mode=postgresql or external" }}
 {{- end }}
+{{- if and (or .Values.model.command.enabled .Values.model.syncTriton.enabled) (eq .Values.database.mode "sqlite") }}
+{{- fail "model.command and model.syncTriton run `cdface model` in a pod of their own, which cannot open the gateway pod's SQLite file: use database.mode=postgresql or external, or run `cdface model` inside the gateway pod" }}
+{{- end }}
+{{- if and (or .Values.model.command.enabled .Values.model.syncTriton.enabled) (ne .Values.triton.modelRepository.source "pvc") }}
+{{- fail "model.command and model.syncTriton write the model's version policy into the model repository volume: they need triton.modelRepository.source=pvc" }}
+{{- end }}
 {{- $dl := .Values.training.activeDeadlineSeconds }}
 {{- if and (or .Values.training.job.enabled .Values.training.cronJob.enabled) .Values.training.steps.train (le (int $dl.pipeline) (int $dl.train)) }}
 {{- fail "training.activeDeadlineSeconds.pipeline must exceed .train: the pipeline Job starts with the train Job and waits for it" }}

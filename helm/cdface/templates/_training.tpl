@@ -90,10 +90,39 @@
 {{/* The pipeline pod's containers: an init container that waits for the train step's marker,
      then the CPU steps. Only these pods get the Triton model-control key and the database. Call
      with (dict "ctx" $ "runId" RUNID). */}}
+{{/* The environment of every pod that changes which model is served (the retraining pipeline,
+     `cdface model` Jobs): the gallery database, the keys that open retained crops (re-embedding
+     reads them), the model repository, every Triton pod, and Triton's model-control key. The
+     gateway's settings names (CDFACE_SERVE_*), which `cdface retrain` and `cdface model` fall back
+     to. Only these pods get the model-control key. */}}
+{{- define "cdface.pipeline.env" -}}
+{{- $t := .Values.triton }}
+{{ include "cdface.database.env" (dict "ctx" . "urlVar" "CDFACE_SERVE_DATABASE_URL") }}
+{{- with (include "cdface.cropKeys.env" .) }}
+{{ . }}
+{{- end }}
+- name: CDFACE_SERVE_MODEL
+  value: {{ .Values.model.name | quote }}
+- name: CDFACE_SERVE_MODEL_REPOSITORY
+  value: /models
+# Every Triton pod over gRPC (the headless Service that lists them all, ready or not): in explicit
+# model-control mode each pod loads a version only when told.
+- name: CDFACE_SERVE_TRITON_URL
+  value: {{ printf "dns:///%s-pods.%s.svc.%s:8001" (include "cdface.triton.fullname" .) .Release.Namespace .Values.clusterDomain | quote }}
+- name: CDFACE_TRITON_CONTROL_HEADER
+  value: {{ $t.modelControl.header | quote }}
+- name: CDFACE_TRITON_CONTROL_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cdface.triton.controlSecretName" . }}
+      key: model-control-key
+- name: HOME
+  value: /tmp
+{{- end }}
+
 {{- define "cdface.training.pipelineContainers" -}}
 {{- $ctx := .ctx }}
 {{- $tr := $ctx.Values.training }}
-{{- $t := $ctx.Values.triton }}
 initContainers:
   # Holds no GPU and almost no CPU: the Job's activeDeadlineSeconds bounds the wait.
   - name: wait-for-train
@@ -126,29 +155,15 @@ containers:
         {{ include "cdface.training.runIdShell" . }}exec cdface retrain {{ include "cdface.training.retrainArgs" $ctx }}
         --steps {{ include "cdface.training.pipelineSteps" $ctx }}
         --backend {{ $tr.publish.backend }} --max-batch-size {{ $tr.publish.maxBatchSize }}
+        {{- if and $ctx.Values.triton.tensorrt.enabled (eq $tr.publish.backend "onnxruntime_onnx") }} --tensorrt-cache /engine-cache{{ end }}
         {{- with $tr.promoteMargin }} --margin {{ . }}{{ end }}
     env:
       {{- include "cdface.training.runIdEnv" . | nindent 6 }}
-      {{- /* The gallery database and the keys that open retained crops (re-embedding reads them). */}}
-      {{- include "cdface.database.env" (dict "ctx" $ctx "urlVar" "CDFACE_RETRAIN_DATABASE_URL") | nindent 6 }}
-      {{- include "cdface.cropKeys.env" $ctx | nindent 6 }}
-      # Every Triton pod over gRPC (the headless Service that lists them all, ready or not): in
-      # explicit model-control mode each pod loads a version only when told.
-      - name: CDFACE_RETRAIN_TRITON_URL
-        value: {{ printf "dns:///%s-pods.%s.svc.%s:8001" (include "cdface.triton.fullname" $ctx) $ctx.Release.Namespace $ctx.Values.clusterDomain | quote }}
-      {{- with $tr.gracePeriodSeconds }}
+      {{- include "cdface.pipeline.env" $ctx | nindent 6 }}
+      {{- with $ctx.Values.model.gracePeriodSeconds }}
       - name: CDFACE_RETRAIN_GRACE_S
         value: {{ . | quote }}
       {{- end }}
-      - name: CDFACE_TRITON_CONTROL_HEADER
-        value: {{ $t.modelControl.header | quote }}
-      - name: CDFACE_TRITON_CONTROL_KEY
-        valueFrom:
-          secretKeyRef:
-            name: {{ include "cdface.triton.controlSecretName" $ctx }}
-            key: model-control-key
-      - name: HOME
-        value: /tmp
     resources:
       {{- toYaml $tr.pipelineResources | nindent 6 }}
     securityContext:
@@ -175,7 +190,7 @@ podFailurePolicy:
         values: [2]
     - action: Ignore
       onPodConditions:
-        - type: DisruptionTarget
+        - {type: DisruptionTarget, status: "True"}
 {{- end }}
 
 {{/* The pod spec of a retraining Job / CronJob. Call with (dict "ctx" $ "runId" RUNID "kind"
@@ -227,7 +242,7 @@ volumes:
       sizeLimit: 20Gi
 {{- end }}
 
-{{/* Where a pod running STEPS may run. The train pod: training's node selection and tolerations
+{{/* Where a pod running STEPS ("train", "pipeline", or "model": a `cdface model` pod) may run. The train pod: training's node selection and tolerations
      (GPU nodes). The pipeline pod needs no GPU node: training's nodeSelector and tolerations are
      for GPUs, so it takes training.pipelineNodeSelector instead, and (when the model repository
      attaches to one node only) the node running Triton. When the chart's run volume attaches to
@@ -249,7 +264,8 @@ tolerations:
 {{- end }}
 {{- $ckpt := $tr.checkpoints }}
 {{- $ckptSingleNode := and (not $ckpt.existingClaim) (not (has "ReadWriteMany" $ckpt.accessModes)) (not (has "ReadOnlyMany" $ckpt.accessModes)) }}
-{{- $pin := or (and (not $train) (include "cdface.modelRepository.singleNode" .ctx)) $ckptSingleNode }}
+{{- $usesRunVolume := or $train (has "pipeline" .steps) }}
+{{- $pin := or (and (not $train) (include "cdface.modelRepository.singleNode" .ctx)) (and $usesRunVolume $ckptSingleNode) }}
 {{- with (include "cdface.affinity" (dict "ctx" .ctx "affinity" $tr.affinity "pin" $pin)) }}
 {{ . }}
 {{- end }}
