@@ -15,7 +15,8 @@ import numpy as np
 from cdface.core.detection import CropGate, Detector, FaceCrop, FaceMode, extract_faces, sharpness
 from cdface.serving.metrics import add_stage_seconds, stage, stage_seconds
 
-__all__ = ["CropGate", "Detector", "FaceCrop", "FaceMode", "extract_faces", "extract_timed", "sharpness"]
+__all__ = ["CropGate", "Detector", "FaceCrop", "FaceMode", "check_timed", "extract_faces", "extract_timed",
+           "sharpness"]
 
 
 class _TimedDetector(Detector):
@@ -49,3 +50,9 @@ def extract_timed(rgb: np.ndarray, mode: FaceMode, *, detector: Detector | None,
                              **options)
     finally:
         add_stage_seconds("align", time.perf_counter() - started - (stage_seconds("detect", "quality") - before))
+
+
+def check_timed(gate: CropGate, detector: Detector, crop: FaceCrop) -> None:
+    """``gate`` on one crop, its time counted as stage ``quality``; the score joins the crop's quality."""
+    crop.quality["crop_score"] = round(_TimedGate(gate.min_score, gate.upside_down_margin).check(detector,
+                                                                                             crop.crop), 4)

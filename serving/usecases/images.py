@@ -11,6 +11,7 @@ Each mode has its pixel budget, checked from the image header before a pixel is 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from anyio import to_thread
 from cdface.core.contract import INPUT_SIZE
 from cdface.core.imaging import ImageError, decode_image
 from cdface.serving.errors import InvalidRequest
-from cdface.serving.faces import CropGate, FaceCrop, FaceMode, extract_timed
+from cdface.serving.faces import CropGate, FaceCrop, FaceMode, check_timed, extract_timed
 from cdface.serving.metrics import stage
 from cdface.serving.settings import Settings
 from cdface.serving.triton import TritonEmbedder
@@ -46,6 +47,7 @@ class ImageIn:
 class FoundFace:
     image: int  # index of the image in the request
     face: FaceCrop
+    checked: bool = True  # False: the crop gate is still to run on it (``embed_checked``)
 
 
 def _from_base64(text: str, what: str, limit: int) -> bytes:
@@ -87,8 +89,13 @@ def enrollable(settings: Settings, faces: Sequence[FoundFace]) -> None:
                              f"{sharp:.1f}; enrollment needs at least {settings.min_enroll_sharpness})")
 
 
-async def find_faces(service: FaceService, images: Sequence[ImageIn]) -> list[FoundFace]:
-    """The faces of every image, in image order (``ImageError`` names the first image that fails)."""
+async def find_faces(service: FaceService, images: Sequence[ImageIn], check_later: bool = False) -> list[FoundFace]:
+    """The faces of every image, in image order (``ImageError`` names the first image that fails).
+
+    ``check_later``: crops given as such (``aligned``) or by landmarks are not gated here but by
+    ``embed_checked``, while Triton embeds them. The detect modes gate here always: the gate picks which
+    detected face is used.
+    """
     settings = service.settings
     if len(images) > settings.max_images:
         raise InvalidRequest(f"{len(images)} images in one request; the limit is {settings.max_images}",
@@ -106,13 +113,14 @@ async def find_faces(service: FaceService, images: Sequence[ImageIn]) -> list[Fo
                 rgb = decode_image(data, max_bytes=settings.max_image_bytes,
                                    max_pixels=pixel_budget(settings, image.mode), what=what,
                                    aligned=image.mode == "aligned")
+            later = check_later and gate is not None and image.mode in ("aligned", "landmarks")
             try:
                 crops = extract_timed(rgb, image.mode, detector=service.detector, landmarks=image.landmarks,
                                       max_faces=settings.max_faces_per_image, min_face_size=image.min_face_size,
-                                      min_score=image.min_score, gate=gate)
+                                      min_score=image.min_score, gate=None if later else gate)
             except ImageError as exc:  # say which image of the request has no usable face
                 raise ImageError(exc.code, f"{what}: {exc}") from None
-            out += [FoundFace(i, crop) for crop in crops]
+            out += [FoundFace(i, crop, checked=not later) for crop in crops]
         return out
 
     return await to_thread.run_sync(work)
@@ -124,6 +132,33 @@ async def embed_crops(embedder: TritonEmbedder, crops: np.ndarray) -> np.ndarray
         vectors = await embedder.embed(crops)
     # The contract says L2-normalised; renormalise anyway so cosine == inner product holds exactly.
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+async def embed_checked(service: FaceService, embedder: TritonEmbedder, faces: Sequence[FoundFace]) -> np.ndarray:
+    """``embed_faces``, with the crops ``find_faces`` left unchecked gated in a worker thread while Triton
+    embeds them: the check costs no time of its own, and its verdict still decides. A refused crop is
+    answered as before (``no_face_in_crop``, ``face_upside_down``), also when Triton failed meanwhile."""
+    unchecked = [f for f in faces if not f.checked]
+    gate = crop_gate(service.settings)
+    if not unchecked or gate is None or service.detector is None:
+        return await embed_faces(embedder, faces)
+    detector = service.detector
+
+    def check() -> None:
+        for found in unchecked:
+            try:
+                check_timed(gate, detector, found.face)
+            except ImageError as exc:
+                raise ImageError(exc.code, f"image {found.image}: {exc}") from None
+
+    checking = asyncio.ensure_future(to_thread.run_sync(check))
+    try:
+        vectors = await embed_faces(embedder, faces)
+    except Exception:  # not a cancellation: the deadline's answer stands
+        await checking  # a refused crop is the answer: the request was not one to embed
+        raise
+    await checking
+    return vectors
 
 
 async def embed_faces(embedder: TritonEmbedder, faces: Sequence[FoundFace]) -> np.ndarray:

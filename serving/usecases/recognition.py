@@ -24,7 +24,7 @@ from cdface.core.matching import cosine, is_match
 from cdface.serving.errors import InvalidRequest
 from cdface.serving.metrics import timed
 from cdface.serving.store import NO_ACTOR, Actor, Identity
-from cdface.serving.usecases.images import FoundFace, ImageIn, embed_faces, find_faces
+from cdface.serving.usecases.images import FoundFace, ImageIn, embed_checked, embed_faces, find_faces
 
 log = logging.getLogger("cdface.serving.recognition")
 
@@ -95,8 +95,8 @@ async def detect(service: FaceService, images: list[ImageIn]) -> list[FoundFace]
 
 async def embed(service: FaceService, images: list[ImageIn]) -> EmbeddedFaces:
     model = service.active  # read once: a model switch never mixes two models in one answer
-    faces = await find_faces(service, images)
-    return EmbeddedFaces(model, faces, await embed_faces(model.embedder, faces))
+    faces = await find_faces(service, images, check_later=True)
+    return EmbeddedFaces(model, faces, await embed_checked(service, model.embedder, faces))
 
 
 def given_embedding(model: ServedModel, values: Sequence[float], field: str) -> np.ndarray:
@@ -152,9 +152,9 @@ async def verify(service: FaceService, image: ImageIn | None, embedding: Sequenc
         await to_thread.run_sync(timed("store", partial(service.store.get_identity, tenant=actor.tenant)),
                                  target.identity_id)
     images = [i for i in (image, target.other) if i is not None]
-    found = await find_faces(service, images) if images else []
+    found = await find_faces(service, images, check_later=True) if images else []
     faces = [f for f in found if f.image == 0][:1] + [f for f in found if f.image == 1][:1]
-    embedded = list(await embed_faces(model.embedder, faces)) if faces else []
+    embedded = list(await embed_checked(service, model.embedder, faces)) if faces else []
     # The probe first, then the other face (when the target is one): from an image or given.
     vectors = [embedded.pop(0) if image is not None else given.pop(0)]
     if target.identity_id is None:
@@ -212,27 +212,34 @@ async def identify(service: FaceService, image: ImageIn | None, embedding: Seque
     decision = decide(service.settings, model.manifest, far)
     found: list[FoundFace | None]
     if image is not None:
-        detected = await find_faces(service, [image])
-        found, vectors = list(detected), await embed_faces(model.embedder, detected)
+        detected = await find_faces(service, [image], check_later=True)
+        found, vectors = list(detected), await embed_checked(service, model.embedder, detected)
     else:
         assert embedding is not None
         found, vectors = [None], given_embedding(model, embedding, "embedding")[None]
-    # Only the caller's tenant is searched (its own index), and only its identities are named.
-    hits = await to_thread.run_sync(timed("search", model.gallery.search), vectors, top_k, actor.tenant)
-    identities = await to_thread.run_sync(timed("store", partial(service.store.identities_by_id, tenant=actor.tenant)),
-                                          [c.identity_id for row in hits for c in row])
-    faces: list[IdentifiedFace] = []
-    top1: list[str | None] = []
-    for face, row in zip(found, hits):
-        candidates = [Candidate(identities[c.identity_id], c.face_id, c.similarity, decision.accepts(c.similarity))
-                      for c in row if c.identity_id in identities]  # not those deleted since the search
-        top1.append(candidates[0].identity.id if candidates else None)  # before minimisation: the audit's truth
-        shown = candidates if non_matches else [c for c in candidates if c.match]
-        faces.append(IdentifiedFace(face, shown, candidates[0] if candidates and candidates[0].match else None))
+
+    def answer() -> tuple[list[IdentifiedFace], list[str | None]]:
+        # One worker-thread hop for the search, the names and the audit row. Only the caller's tenant is
+        # searched (its own index), and only its identities are named.
+        hits = timed("search", model.gallery.search)(vectors, top_k, actor.tenant)
+        identities = timed("store", partial(service.store.identities_by_id, tenant=actor.tenant))(
+            [c.identity_id for row in hits for c in row])
+        faces: list[IdentifiedFace] = []
+        top1: list[str | None] = []
+        for face, row in zip(found, hits):
+            candidates = [Candidate(identities[c.identity_id], c.face_id, c.similarity,
+                                    decision.accepts(c.similarity))
+                          for c in row if c.identity_id in identities]  # not those deleted since the search
+            top1.append(candidates[0].identity.id if candidates else None)  # before minimisation: the audit's truth
+            shown = candidates if non_matches else [c for c in candidates if c.match]
+            faces.append(IdentifiedFace(face, shown, candidates[0] if candidates and candidates[0].match else None))
+        # Per face searched: its best candidate's identity id and whether it matched (ids only, no names).
+        timed("store", service.store.append_audit)(actor, "identify", None, (), {
+            "faces": len(faces), "top1": top1, "match": [face.match is not None for face in faces]})
+        return faces, top1
+
+    faces, top1 = await to_thread.run_sync(answer)
     service.last_seen.saw(face_ids=[face.match.face_id for face in faces if face.match is not None])
-    # Per face searched: its best candidate's identity id and whether it matched (ids only, no names).
-    await to_thread.run_sync(timed("store", service.store.append_audit), actor, "identify", None, (),
-                             {"faces": len(faces), "top1": top1, "match": [face.match is not None for face in faces]})
     if image is not None and detected:
         _shadow(service, model, detected, top1, [face.match is not None for face in faces], far, actor.tenant)
     return Identification(model, decision, faces)

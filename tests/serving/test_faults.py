@@ -152,6 +152,11 @@ def test_blank_crop_is_refused_in_every_use_and_a_real_crop_accepted(gw, photos,
         assert (r.status_code, _error(r)) == (422, "no_face_in_crop"), r.text
         r = c.post("/v1/identify", json={"image": blank})
         assert (r.status_code, _error(r)) == (422, "no_face_in_crop"), r.text
+        r = c.post("/v1/embeddings", json={"images": [real, blank]})
+        assert (r.status_code, _error(r)) == (422, "no_face_in_crop") and "image 1" in r.text, r.text
+        # (a pre-aligned crop is checked while Triton embeds it: the check still decides, and reports its score)
+        r = c.post("/v1/embeddings", json={"images": [real]})
+        assert r.status_code == 200 and r.json()["faces"][0]["quality"]["crop_score"] >= 0.7, r.text
         # landmarks mode: five plausible points on a blank photo align a blank crop
         points = [[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]]
         r = c.post("/v1/embeddings", json={"images": [{"data": b64(_png(np.full((200, 200, 3), 255, np.uint8))),
