@@ -173,12 +173,53 @@ def _measure(urls: dict[str, str], grpc_url: str, rounds: int, requests: int) ->
     return p50s
 
 
+def _median_us(call, n: int = 300, warmup: int = 20) -> dict:
+    """Median and quartiles (µs) of ``call()`` over ``n`` calls after ``warmup``: in-process, no gateway noise."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1e6)
+    q = statistics.quantiles(times, n=4)
+    return {"median_us": round(statistics.median(times), 1), "q1_us": round(q[0], 1), "q3_us": round(q[2], 1)}
+
+
+def _components(tmp: Path) -> dict:
+    """The CPU time of the gates and the audit row, each alone in this process, as the gateway runs them: the crop
+    face check (one YuNet call on a crop and its turn), a rate-limit check at the production default
+    (600/minute, counted in memory) and one identify audit row committed to a SQLite gallery (synchronous=FULL)."""
+    from cdface.core import assets
+    from cdface.core.detection import CropGate, Detector
+    from cdface.serving.rate_limits import RateLimiter
+    from cdface.serving.settings import Settings
+    from cdface.serving.store import Actor, SQLiteStore
+
+    arrays, _ = _crops(32)
+    detector, gate = Detector(assets.yunet_onnx()), CropGate()
+    crops = iter(np.concatenate([arrays] * 20))
+    limiter = RateLimiter(Settings(rate_limit="600/minute"))
+    callers = iter(range(10**9))  # a fresh caller per call: never refused, as a key under its limit
+    store = SQLiteStore(tmp / "components.db")
+    actor = Actor("k1", "r1")
+    try:
+        return {
+            "crop_face_check": _median_us(lambda: gate.check(detector, next(crops))),
+            "rate_limit_check": _median_us(lambda: limiter.hit("identify", str(next(callers)))),
+            "audit_row_sqlite": _median_us(lambda: store.append_audit(
+                actor, "identify", None, (), {"faces": 1, "top1": ["idt_x"], "match": [True]})),
+        }
+    finally:
+        store.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default="64d5a02", help="The commit before issue 11.")
     parser.add_argument("--model", choices=("tiny", "sface"), default="tiny",
                         help="tiny: a near-free stand-in, so the gateway's own cost is resolvable (default)")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--requests", type=int, default=100)
     args = parser.parse_args()
 
@@ -221,6 +262,9 @@ def main() -> None:
                 subprocess.run(["git", "worktree", "remove", "--force", str(before_dir)], cwd=REPO,
                                capture_output=True)
 
+    with tempfile.TemporaryDirectory(prefix="cdface-components-") as tmp_name:
+        components = _components(Path(tmp_name))
+
     def overhead(arm: str) -> dict:
         per_round = [a - d for a, d in zip(p50s[arm], p50s["direct"])]
         return {"median_ms": round(statistics.median(per_round), 3), "min_ms": round(min(per_round), 3),
@@ -239,6 +283,7 @@ def main() -> None:
                               "rate_limits": added("now/embeddings", "now-no-rate-limit/embeddings"),
                               "audit_and_search_path": added("now/identify", "now/embeddings")},
         "p50_ms": {arm: [round(x, 3) for x in v] for arm, v in p50s.items()},
+        "components_in_process": components,
         "direct_p50_ms_median": round(statistics.median(p50s["direct"]), 3),
         "rounds": args.rounds, "requests_per_arm_per_round": args.requests, "before_commit": args.before,
         "model": ("wrapped SFace (128-d)" if args.model == "sface" else "a near-free 128-d stand-in (mean colour, "
@@ -248,6 +293,8 @@ def main() -> None:
         print(f"{arm:>24}: overhead p50 {o['median_ms']:+.2f} ms [{o['min_ms']:+.2f} .. {o['max_ms']:+.2f}]")
     for what, a in details["added_by_issue_11"].items():
         print(f"added ({what}): {a['median_ms']:+.2f} ms [{a['min_ms']:+.2f} .. {a['max_ms']:+.2f}]")
+    for what, c in components.items():
+        print(f"in process ({what}): {c['median_us']:.1f} us [{c['q1_us']:.1f} .. {c['q3_us']:.1f}]")
     now_identify = details["added_by_issue_11"]["identify"]["median_ms"]
     write_result("gateway_overhead_issue11_identify_c1" + ("" if args.model == "tiny" else f"_{args.model}"),
                  "ms the hardening adds to an /v1/identify request at concurrency 1 (p50, now minus before)",
