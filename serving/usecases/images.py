@@ -48,6 +48,7 @@ class FoundFace:
     image: int  # index of the image in the request
     face: FaceCrop
     checked: bool = True  # False: the crop gate is still to run on it (``embed_checked``)
+    retry: ImageIn | None = None  # detect mode, unchecked: its photo, to pick another face if this one fails
 
 
 def _from_base64(text: str, what: str, limit: int) -> bytes:
@@ -92,38 +93,43 @@ def enrollable(settings: Settings, faces: Sequence[FoundFace]) -> None:
 async def find_faces(service: FaceService, images: Sequence[ImageIn], check_later: bool = False) -> list[FoundFace]:
     """The faces of every image, in image order (``ImageError`` names the first image that fails).
 
-    ``check_later``: crops given as such (``aligned``) or by landmarks are not gated here but by
-    ``embed_checked``, while Triton embeds them. The detect modes gate here always: the gate picks which
-    detected face is used.
+    ``check_later``: the crop gate runs in ``embed_checked``, beside the Triton call, instead of here.
+    A crop given as such (``aligned``) or by landmarks is simply checked there. In ``detect`` mode the
+    gate also picks the face (the largest that passes): the largest is embedded speculatively and, in
+    the rare case it fails, ``embed_checked`` picks as the gate would and embeds that face instead.
+    ``detect_all`` gates here: every face of the photo is answered.
     """
     settings = service.settings
     if len(images) > settings.max_images:
         raise InvalidRequest(f"{len(images)} images in one request; the limit is {settings.max_images}",
                              code="too_many_images")
-
     gate = crop_gate(settings)
 
     def work() -> list[FoundFace]:
         out = []
         for i, image in enumerate(images):
-            what = f"image {i}"
-            with stage("decode"):
-                data = _from_base64(image.data, what, settings.max_image_bytes) if isinstance(image.data, str) \
-                    else image.data
-                rgb = decode_image(data, max_bytes=settings.max_image_bytes,
-                                   max_pixels=pixel_budget(settings, image.mode), what=what,
-                                   aligned=image.mode == "aligned")
-            later = check_later and gate is not None and image.mode in ("aligned", "landmarks")
-            try:
-                crops = extract_timed(rgb, image.mode, detector=service.detector, landmarks=image.landmarks,
-                                      max_faces=settings.max_faces_per_image, min_face_size=image.min_face_size,
-                                      min_score=image.min_score, gate=None if later else gate)
-            except ImageError as exc:  # say which image of the request has no usable face
-                raise ImageError(exc.code, f"{what}: {exc}") from None
-            out += [FoundFace(i, crop, checked=not later) for crop in crops]
+            later = check_later and gate is not None and image.mode != "detect_all"
+            crops = _faces_of(service, i, image, None if later else gate)
+            out += [FoundFace(i, crop, checked=not later, retry=image if later and image.mode == "detect" else None)
+                    for crop in crops]
         return out
 
     return await to_thread.run_sync(work)
+
+
+def _faces_of(service: FaceService, index: int, image: ImageIn, gate: CropGate | None) -> list[FaceCrop]:
+    """Decode image ``index`` of a request and extract its faces (blocking); errors name the image."""
+    settings, what = service.settings, f"image {index}"
+    with stage("decode"):
+        data = _from_base64(image.data, what, settings.max_image_bytes) if isinstance(image.data, str) else image.data
+        rgb = decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=pixel_budget(settings, image.mode),
+                           what=what, aligned=image.mode == "aligned")
+    try:
+        return extract_timed(rgb, image.mode, detector=service.detector, landmarks=image.landmarks,
+                             max_faces=settings.max_faces_per_image, min_face_size=image.min_face_size,
+                             min_score=image.min_score, gate=gate)
+    except ImageError as exc:  # say which image of the request has no usable face
+        raise ImageError(exc.code, f"{what}: {exc}") from None
 
 
 async def embed_crops(embedder: TritonEmbedder, crops: np.ndarray) -> np.ndarray:
@@ -134,22 +140,28 @@ async def embed_crops(embedder: TritonEmbedder, crops: np.ndarray) -> np.ndarray
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
-async def embed_checked(service: FaceService, embedder: TritonEmbedder, faces: Sequence[FoundFace]) -> np.ndarray:
-    """``embed_faces``, with the crops ``find_faces`` left unchecked gated in a worker thread while Triton
-    embeds them: the check costs no time of its own, and its verdict still decides. A refused crop is
-    answered as before (``no_face_in_crop``, ``face_upside_down``), also when Triton failed meanwhile."""
+async def embed_checked(service: FaceService, embedder: TritonEmbedder,
+                        faces: Sequence[FoundFace]) -> tuple[list[FoundFace], np.ndarray]:
+    """``faces`` and their embeddings, the crops ``find_faces`` left unchecked gated in a worker thread while
+    Triton embeds them: the check costs no time of its own, and its verdict still decides. A refused crop is
+    answered as before (``no_face_in_crop``, ``face_upside_down``), also when Triton failed meanwhile; a
+    detect-mode face that fails is replaced by the face the gate picks (another Triton call, that once)."""
+    faces = list(faces)
     unchecked = [f for f in faces if not f.checked]
     gate = crop_gate(service.settings)
     if not unchecked or gate is None or service.detector is None:
-        return await embed_faces(embedder, faces)
+        return faces, await embed_faces(embedder, faces)
     detector = service.detector
+    refused: list[FoundFace] = []
 
     def check() -> None:
         for found in unchecked:
             try:
                 check_timed(gate, detector, found.face)
             except ImageError as exc:
-                raise ImageError(exc.code, f"image {found.image}: {exc}") from None
+                if found.retry is None:
+                    raise ImageError(exc.code, f"image {found.image}: {exc}") from None
+                refused.append(found)
 
     checking = asyncio.ensure_future(to_thread.run_sync(check))
     try:
@@ -158,7 +170,20 @@ async def embed_checked(service: FaceService, embedder: TritonEmbedder, faces: S
         await checking  # a refused crop is the answer: the request was not one to embed
         raise
     await checking
-    return vectors
+    if not refused:
+        return faces, vectors
+    # The largest face of a detect-mode photo failed the gate: pick as the gate does (the next largest that
+    # passes; none: the refusal), and embed that face in its place.
+    picked = []
+    for f in refused:
+        assert f.retry is not None  # only a face with its photo to retry is let through refused
+        picked += [FoundFace(f.image, crop) for crop in
+                   await to_thread.run_sync(_faces_of, service, f.image, f.retry, gate)]
+    again = await embed_faces(embedder, picked)
+    for found, replacement, vector in zip(refused, picked, again):
+        row = next(i for i, f in enumerate(faces) if f is found)  # by identity: crops are arrays
+        faces[row], vectors[row] = replacement, vector
+    return faces, vectors
 
 
 async def embed_faces(embedder: TritonEmbedder, faces: Sequence[FoundFace]) -> np.ndarray:

@@ -95,8 +95,8 @@ async def detect(service: FaceService, images: list[ImageIn]) -> list[FoundFace]
 
 async def embed(service: FaceService, images: list[ImageIn]) -> EmbeddedFaces:
     model = service.active  # read once: a model switch never mixes two models in one answer
-    faces = await find_faces(service, images, check_later=True)
-    return EmbeddedFaces(model, faces, await embed_checked(service, model.embedder, faces))
+    faces, vectors = await embed_checked(service, model.embedder, await find_faces(service, images, check_later=True))
+    return EmbeddedFaces(model, faces, vectors)
 
 
 def given_embedding(model: ServedModel, values: Sequence[float], field: str) -> np.ndarray:
@@ -154,7 +154,10 @@ async def verify(service: FaceService, image: ImageIn | None, embedding: Sequenc
     images = [i for i in (image, target.other) if i is not None]
     found = await find_faces(service, images, check_later=True) if images else []
     faces = [f for f in found if f.image == 0][:1] + [f for f in found if f.image == 1][:1]
-    embedded = list(await embed_checked(service, model.embedder, faces)) if faces else []
+    embedded: list[np.ndarray] = []
+    if faces:
+        faces, made = await embed_checked(service, model.embedder, faces)
+        embedded = list(made)
     # The probe first, then the other face (when the target is one): from an image or given.
     vectors = [embedded.pop(0) if image is not None else given.pop(0)]
     if target.identity_id is None:
@@ -212,8 +215,9 @@ async def identify(service: FaceService, image: ImageIn | None, embedding: Seque
     decision = decide(service.settings, model.manifest, far)
     found: list[FoundFace | None]
     if image is not None:
-        detected = await find_faces(service, [image], check_later=True)
-        found, vectors = list(detected), await embed_checked(service, model.embedder, detected)
+        detected, vectors = await embed_checked(service, model.embedder,
+                                                await find_faces(service, [image], check_later=True))
+        found = list(detected)
     else:
         assert embedding is not None
         found, vectors = [None], given_embedding(model, embedding, "embedding")[None]

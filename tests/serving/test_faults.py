@@ -186,6 +186,35 @@ def test_enrollment_refuses_a_blurred_face_that_can_still_be_embedded(gw, obama_
         assert c.post("/v1/embeddings", json={"images": [blurred]}).status_code == 200  # the floor is enrollment's
 
 
+def test_when_the_largest_face_fails_the_check_the_next_one_that_passes_is_used(gw, photos, yunet_onnx):
+    """In detect mode the largest face is embedded while it is checked; when the check refuses it, the face the
+    check picks (the next largest that passes) is embedded in its place, as when the check ran first."""
+    from cdface.core.detection import Detector
+
+    turned = Image.open(photos["obama2"]).convert("RGB").transpose(Image.Transpose.ROTATE_180)
+    upright = Image.open(photos["biden"]).convert("RGB")
+    upright = upright.resize((upright.width // 3, upright.height // 3))
+    canvas = Image.new("RGB", (turned.width + upright.width + 40, max(turned.height, upright.height)), "white")
+    canvas.paste(turned, (0, 0))
+    canvas.paste(upright, (turned.width + 40, 0))
+    photo = {"data": b64(_jpeg(canvas))}
+    with gw.client("admin") as c:
+        r = c.post("/v1/identities", json={"external_id": "largest-fails-biden", "name": "Joe Biden",
+                                           "images": [{"data": b64(photos["biden"])}]})
+        assert r.status_code == 201, r.text
+        # YuNet finds both, the upside-down face largest; the check refuses it, alone it is refused.
+        rows = Detector(yunet_onnx).detect(np.asarray(canvas))
+        assert len(rows) >= 2 and rows[0][0] < turned.width < rows[1][0]
+        r = c.post("/v1/identify", json={"image": {"data": b64(_jpeg(turned))}})
+        assert (r.status_code, _error(r)) == (422, "face_upside_down"), r.text
+        r = c.post("/v1/identify", json={"image": photo, "top_k": 1})
+        assert r.status_code == 200, r.text
+        (face,) = r.json()["faces"]
+        assert face["box"][0] > turned.width and face["match"]["name"] == "Joe Biden", r.text
+        r = c.post("/v1/embeddings", json={"images": [photo]})
+        assert r.status_code == 200 and r.json()["faces"][0]["box"][0] > turned.width, r.text
+
+
 # -- 3. upside-down photos ------------------------------------------------------------------------------
 
 
