@@ -44,9 +44,9 @@ def create_app(settings: Settings | None = None, service: FaceService | None = N
         app.state.service = svc
         started = time.perf_counter()
         await run_in_threadpool(svc.start)
-        decision = decide(settings, svc.manifest, None)
+        decision = decide(settings, svc.active.manifest, None)
         log.info("serving model %s (Triton %s), %d faces indexed in %.2f s; threshold %.3f (%s)",
-                 svc.model_key, svc.active.ref, svc.gallery.faces_indexed,
+                 svc.active.key, svc.active.ref, svc.active.gallery.faces_indexed,
                  time.perf_counter() - started, decision.threshold, decision.source)
         try:
             yield

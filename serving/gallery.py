@@ -92,7 +92,7 @@ class Gallery:
         self._lock = threading.RLock()  # orders index + owner-map updates
         # Orders local writes against sync (see the module docstring); shared by the galleries of one
         # gateway's models, so a write reaching several of them is never interleaved with a sync.
-        self._write_lock = write_lock or threading.Lock()
+        self.write_lock = write_lock or threading.Lock()
         self.loaded = False
         self.load_seconds = 0.0
         self.applied_seq = 0  # every change up to here is in the index
@@ -115,7 +115,7 @@ class Gallery:
         for tenant, picked in rows.items():
             built[tenant] = FaceIndex(self.dim, self.spec)
             built[tenant].build(ids[picked], vectors[picked])
-        with self._write_lock:
+        with self.write_lock:
             with self._lock:
                 self._indexes = built
                 self._owner = {face_id: (tenant, identity)
@@ -167,7 +167,7 @@ class Gallery:
         vectors in the same order), stored in the same transaction and indexed there too.
         """
         faces = self._new_faces(embeddings, crops, boxes, qualities, also)
-        with self._write_lock:
+        with self.write_lock:
             # One transaction, durable on return; only an identity of the actor's tenant is found.
             stored = self.store.add_faces(identity_id, faces, actor)
             self._index_new(stored, actor.tenant, identity_id, embeddings, also)
@@ -179,7 +179,7 @@ class Gallery:
                         also: Mirrors = ()) -> tuple[Identity, list[Face]]:
         """Create an identity with its faces in one transaction (a crash leaves neither); searchable on return."""
         faces = self._new_faces(embeddings, crops, boxes, qualities, also)
-        with self._write_lock:
+        with self.write_lock:
             identity, stored = self.store.create_identity_with_faces(external_id, name, metadata, faces, actor)
             self._index_new(stored, actor.tenant, identity.id, embeddings, also)
         return identity, stored
@@ -199,13 +199,13 @@ class Gallery:
     def delete_face(self, identity_id: str, face_id: int, actor: Actor = NO_ACTOR,
                     also: Sequence[Gallery] = ()) -> None:
         """Delete the face from the store, then from this index and those of ``also`` (other models')."""
-        with self._write_lock:
+        with self.write_lock:
             self.store.delete_face(identity_id, face_id, actor)
             for gallery in (self, *also):
                 gallery._forget([face_id])
 
     def delete_identity(self, identity_id: str, actor: Actor = NO_ACTOR, also: Sequence[Gallery] = ()) -> list[int]:
-        with self._write_lock:
+        with self.write_lock:
             face_ids = self.store.delete_identity(identity_id, actor)
             for gallery in (self, *also):
                 gallery._forget(face_ids)
@@ -227,7 +227,7 @@ class Gallery:
     def sync(self, batch: int = 1000) -> int:
         """Apply every change after ``applied_seq``; return how many were read."""
         total = 0
-        with self._write_lock:
+        with self.write_lock:
             while True:
                 changes = self.store.changes_since(self.applied_seq, batch)
                 if not changes:

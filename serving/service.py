@@ -117,15 +117,14 @@ class FaceService:
     and shadows a share of identifications with it (``cdface.serving.shadow``).
     """
 
-    def __init__(self, settings: Settings, active: ServedModel, store: GalleryStore, detector: Detector | None,
-                 write_lock: threading.Lock | None = None) -> None:
+    def __init__(self, settings: Settings, active: ServedModel, store: GalleryStore, detector: Detector | None) -> None:
         self.settings = settings
         self.store = store
         self.detector = detector
         self.active = active
         self.candidate: ServedModel | None = None  # ready (index built), shadowed, enrolments dual-embedded
         self.pinned = settings.manifest is not None or settings.model_version is not None
-        self.write_lock = write_lock or threading.Lock()  # shared by every gallery of this gateway
+        self.write_lock = active.gallery.write_lock  # every model's gallery of this gateway shares it
         self._models: dict[ModelKey, ServedModel] = {active.ref: active}  # by Triton ref: every ready model
         self._loading: dict[ModelKey, float] = {}  # ref -> time.monotonic() its load started or last failed
         self._retired: list[ServedModel] = []  # dropped models: their clients are closed at shutdown
@@ -139,27 +138,6 @@ class FaceService:
                                          settings.retention_interval_s)
         self.shadow = ShadowTally()
         self.background: set[asyncio.Task] = set()  # shadow comparisons under way
-
-    # The active model's parts (operations and start-up logs; requests take ``active`` once instead).
-    @property
-    def manifest(self) -> ModelManifest:
-        return self.active.manifest
-
-    @property
-    def gallery(self) -> Gallery:
-        return self.active.gallery
-
-    @property
-    def embedder(self) -> TritonEmbedder:
-        return self.active.embedder
-
-    @property
-    def model_key(self) -> ModelKey:
-        return self.active.key
-
-    @property
-    def triton_version(self) -> int:
-        return self.active.ref.version
 
     @classmethod
     def create(cls, settings: Settings) -> "FaceService":
@@ -186,7 +164,7 @@ class FaceService:
                             instances=settings.detectors)
         write_lock = threading.Lock()
         active = _served_model(settings, store, ref, manifest, write_lock)
-        return cls(settings, active, store, detector, write_lock)
+        return cls(settings, active, store, detector)
 
     def start(self) -> None:
         """Build the index from the store; on a shared store, follow its change log (blocking: run in a thread)."""

@@ -47,12 +47,9 @@ def _lifecycle(db: Optional[Path], database_url: Optional[str], repository: Opti
 
 
 def _state(state: ModelState) -> None:
-    print(json.dumps({"active": _ref(state.active), "candidate": _ref(state.candidate),
-                      "previous": _ref(state.previous), "changed": state.changed, "promoted": state.promoted}))
+    from cdface.pipeline.models import pointer
 
-
-def _ref(ref: ModelKey | None) -> str | None:
-    return None if ref is None else str(ref)
+    print(json.dumps(pointer(state)))
 
 
 @model_app.command("status")

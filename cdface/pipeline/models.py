@@ -251,8 +251,7 @@ def _triton_ready(triton_url: str, ref: ModelKey) -> bool:
 def status(lc: Lifecycle) -> dict[str, Any]:
     """The pointer, each model's coverage, the shadow-mode agreement of the candidate, the versions in use."""
     state = lc.store.model_state()
-    report: dict[str, Any] = {"active": _text(state.active), "candidate": _text(state.candidate),
-                              "previous": _text(state.previous), "changed": state.changed, "promoted": state.promoted}
+    report = pointer(state)
     for role, ref in (("active", state.active), ("candidate", state.candidate), ("previous", state.previous)):
         if ref is not None:
             covered = coverage(lc.store, lc.manifest(ref))
@@ -275,5 +274,10 @@ def status(lc: Lifecycle) -> dict[str, Any]:
     return report
 
 
-def _text(ref: ModelKey | None) -> str | None:
-    return None if ref is None else str(ref)
+def pointer(state: ModelState) -> dict[str, Any]:
+    """The model pointer as JSON: the three refs as ``NAME:VERSION`` (or null) and when it last moved."""
+    def text(ref: ModelKey | None) -> str | None:
+        return None if ref is None else str(ref)
+
+    return {"active": text(state.active), "candidate": text(state.candidate), "previous": text(state.previous),
+            "changed": state.changed, "promoted": state.promoted}

@@ -28,7 +28,7 @@ async def create_identity(body: s.IdentityCreate, service: ServiceDep,
     created = await identities.create_identity(service, body.external_id, body.name, body.metadata,
                                                [image_in(spec) for spec in body.images], body.retain_crop,
                                                actor(key))
-    return responses.created_identity(created.identity, created.faces, service.model_key)
+    return responses.created_identity(created.identity, created.faces, service.active.key)
 
 
 @router.get("/identities", response_model=s.IdentityPage, operation_id="list_identities",
@@ -76,7 +76,7 @@ def delete_identity(identity_id: str, service: ServiceDep, key: ApiKey | None = 
 async def enroll(identity_id: str, service: ServiceDep, key: ApiKey | None = require("enroll"),
                  body: ParsedBody[s.EnrollRequest] = json_or_form(s.EnrollRequest, form_images)) -> s.EnrollResponse:
     faces = await identities.enroll(service, identity_id, body.images, body.request.retain_crop, actor(key))
-    return s.EnrollResponse(faces=responses.faces(faces, service.model_key))
+    return s.EnrollResponse(faces=responses.faces(faces, service.active.key))
 
 
 @router.get("/identities/{identity_id}/faces", response_model=s.FaceList, operation_id="list_faces",
@@ -88,7 +88,7 @@ def list_faces(identity_id: str, service: ServiceDep, key: ApiKey | None = requi
                ) -> s.FaceList:
     page = identities.list_faces(service, identity_id, limit, int(cursor) if cursor is not None else None,
                                  tenant_of(key))
-    return s.FaceList(items=responses.faces(page.items, service.model_key), next_cursor=page.next_cursor)
+    return s.FaceList(items=responses.faces(page.items, service.active.key), next_cursor=page.next_cursor)
 
 
 @router.get("/identities/{identity_id}/faces/{face_id}/crop", operation_id="get_face_crop", response_class=Response,

@@ -88,7 +88,7 @@ def list_identities(service: FaceService, limit: int, cursor: str | None, extern
 
 def get_identity(service: FaceService, identity_id: str, tenant: str = DEFAULT_TENANT) -> IdentityDetail:
     identity = service.store.get_identity(identity_id, tenant=tenant)
-    stale = sum(service.model_key not in f.models for f in service.store.list_faces(identity_id, tenant=tenant))
+    stale = sum(service.active.key not in f.models for f in service.store.list_faces(identity_id, tenant=tenant))
     return IdentityDetail(identity, stale)
 
 

@@ -38,19 +38,19 @@ async def readiness(service: FaceService) -> Readiness:
     answers 503 ``model_unavailable`` + Retry-After meanwhile; ``triton`` says whether the model is ready.
     """
     triton, (store_ok, sync) = await asyncio.gather(
-        service.embedder.model_ready(TRITON_CHECK_TIMEOUT_S), to_thread.run_sync(_store_state, service))
-    ready = service.gallery.loaded and store_ok
+        service.active.embedder.model_ready(TRITON_CHECK_TIMEOUT_S), to_thread.run_sync(_store_state, service))
+    ready = service.active.gallery.loaded and store_ok
     if sync is not None:
         since = sync.seconds_since_sync
         ready = ready and since is not None and since <= service.settings.sync_stale_s
-    return Readiness(ready, triton, service.gallery.loaded, sync)
+    return Readiness(ready, triton, service.active.gallery.loaded, sync)
 
 
 def _store_state(service: FaceService) -> tuple[bool, SyncLag | None]:
     """Whether the store answers, and (shared store) this replica's lag behind it."""
     try:
         if service.follower is not None:
-            return True, service.gallery.lag()  # reads the store's change log: an answer
+            return True, service.active.gallery.lag()  # reads the store's change log: an answer
         service.store.check()
         return True, None
     except Exception as exc:  # the database does not answer: this gateway cannot serve the gallery
@@ -80,5 +80,5 @@ class GalleryReport:
 
 def gallery_report(service: FaceService, tenant: str) -> GalleryReport:
     """``tenant``'s gallery: an admin sees its own tenant's counts, never the other tenants'."""
-    status, check = service.gallery.status(tenant), service.gallery.check(tenant)
+    status, check = service.active.gallery.status(tenant), service.active.gallery.check(tenant)
     return GalleryReport(status, check["consistent"], check["store_faces"])

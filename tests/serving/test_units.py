@@ -129,13 +129,15 @@ def test_readiness_follows_the_gallery_and_its_database_not_triton(tmp_path):
 
     from cdface.devtools.triton_local import free_port
     from cdface.serving.gallery import Gallery
+    from cdface.serving.service import ServedModel
     from cdface.serving.store import ModelKey, SQLiteStore
     from cdface.serving.usecases.operations import readiness
 
     store = SQLiteStore(tmp_path / "gallery.db")
     gallery = Gallery(store, ModelKey("sface", 1), 16)
     embedder = TritonEmbedder(f"127.0.0.1:{free_port()}", "face", 1, dim=16)  # nothing listens there
-    service = SimpleNamespace(settings=Settings(), store=store, gallery=gallery, follower=None, embedder=embedder)
+    active = ServedModel(ModelKey("face", 1), SimpleNamespace(), embedder, gallery)
+    service = SimpleNamespace(settings=Settings(), store=store, active=active, follower=None)
 
     async def go():
         loading = await readiness(service)
