@@ -108,6 +108,11 @@ class Size:
     joint_epochs: int
     milestones: tuple[float, ...]   # lr x0.1 at these epochs, in each stage (each stage counts from 0)
     hard_share: float = 0.1
+    # The held-out set's own hard share. Hard images of different people score alike (their identity is
+    # mostly gone), so impostor pairs of two hard images take every slot a strict FAR allows once there
+    # are more of them than FAR x impostor pairs, about share^2 of all pairs: at 10% TAR@FAR=1e-3 sits at
+    # the hard samples' floor (~2%) whatever the model. None: the training set's share.
+    heldout_hard_share: Optional[float] = None
     interval: int = 5
     head_scale: float = 32.0
     head_margin: float = 0.3
@@ -123,6 +128,10 @@ class Size:
     amp: str = "none"
     data_seed: int = 0
     note: str = ""
+
+    @property
+    def heldout_hard(self) -> float:
+        return self.hard_share if self.heldout_hard_share is None else self.heldout_hard_share
 
     @property
     def heldout_images(self) -> int:
@@ -169,13 +178,14 @@ SIZES = {
     # the levers: 300 identities, a 5-epoch joint stage of 750 steps, 150 of them refined-branch steps.
     # Those two timed runs (seed 0) ended at 84.7% / 88.3% accuracy and TAR@FAR=1e-3 of 2.1% / 2.3%;
     # without the pairs holding a hard image, 75.8% at 1e-3, and every impostor pair above that
-    # threshold paired two hard images: the strict-FAR floor here is the hard samples', which the
-    # report shows beside it.
+    # threshold paired two hard images. Rescored with the held-out hard share at 2% (12 hard images of
+    # 600), the same two models reach 27.7% / 70.2% at 1e-3 and 7.4% / 13.2% at 1e-4: the held-out set
+    # keeps that share, and the report still scores the hard images' genuine pairs on their own.
     "cpu2h": Size(name="cpu2h", backbone="ir18", width=0.0625, identities=300, per_identity=8,
                   heldout_identities=100, heldout_per_identity=6, seeds=3, batch_size=16, mined_identities=2,
-                  pretrain_epochs=4, joint_epochs=5, milestones=(4.0,), probe_every=10,
+                  pretrain_epochs=4, joint_epochs=5, milestones=(4.0,), probe_every=10, heldout_hard_share=0.02,
                   note="IR-18 at 1/16 width, 300 identities, batch 16, 4 + 5 epochs, 150 refined-branch steps "
-                       "per joint run"),
+                       "per joint run, 2% hard held-out images"),
     # The configuration for a GPU machine: IR-50 at full width, the paper's head (s = 64, m = 0.5,
     # NP = 500), batch 512 with K = 64, bf16, 4 pretrain epochs as in the reference setting and a
     # shortened joint schedule.
@@ -183,7 +193,7 @@ SIZES = {
                 heldout_identities=1000, heldout_per_identity=10, seeds=3, batch_size=512, mined_identities=64,
                 pretrain_epochs=4, joint_epochs=12, milestones=(6.0, 9.0, 11.0), head_scale=64.0, head_margin=0.5,
                 hard_negatives=500, sweep=True, variants=True, probe_every=20, workers=8, threads=None, device="cuda",
-                amp="bf16", note="IR-50 full width, paper head, 4 + 12 epochs, bf16 on one GPU"),
+                amp="bf16", heldout_hard_share=0.01, note="IR-50 full width, paper head, 4 + 12 epochs, bf16 on one GPU"),
 }
 
 
@@ -208,13 +218,14 @@ def make_data(size: Size, work: Path) -> tuple[Path, Path]:
                  time.perf_counter() - started)
     if heldout.is_file():
         with np.load(heldout) as f:
-            if f["labels"].size != size.heldout_images:
+            if f["labels"].size != size.heldout_images or int(f["hard"].sum()) != round(size.heldout_hard
+                                                                                        * size.heldout_images):
                 raise SystemExit(f"{heldout} holds another size's held-out set; delete {work} to start afresh")
     else:
         started = time.perf_counter()
         n = size.heldout_images
         # VAL_ROLE draws identities from a generator stream of their own: none is a training identity.
-        hard = hard_sample_mask(size.data_seed, n, size.hard_share, role=VAL_ROLE)
+        hard = hard_sample_mask(size.data_seed, n, size.heldout_hard, role=VAL_ROLE)
         labels = np.repeat(np.arange(size.heldout_identities), size.heldout_per_identity)
         images = np.stack([
             render_sample(size.data_seed, int(labels[i]), i % size.heldout_per_identity, bool(hard[i]), role=VAL_ROLE)
@@ -366,6 +377,11 @@ def score_model(embeddings: np.ndarray, heldout: Heldout) -> dict:
     both_hard = (heldout.hard[heldout.first] & heldout.hard[heldout.second])[~heldout.same]
     no_hard = tar_at_far(scores[heldout.same & ~any_hard], scores[~heldout.same & ~any_hard], REPORTED_FARS)
     top = np.argsort(-impostor)[: max(1, int(HEADLINE_FAR * impostor.size))]
+    # What the method is for: genuine pairs holding a hard image, accepted at the FAR=1e-3 threshold of all pairs.
+    headline = points[HEADLINE_FAR]
+    hard_genuine = scores[heldout.same & any_hard]
+    hard_tar = (float(np.mean(hard_genuine > headline.threshold))
+                if headline is not None and hard_genuine.size else None)
     return {
         "accuracy": verification.accuracy,
         "accuracy_fold_std": verification.accuracy_std,
@@ -374,6 +390,7 @@ def score_model(embeddings: np.ndarray, heldout: Heldout) -> dict:
         "impostor_mean": float(impostor.mean()),
         "tar_at_far_no_hard": {far_key(far): (p.tar if p is not None else None) for far, p in no_hard.items()},
         "top_impostors_both_hard": float(both_hard[top].mean()),
+        "hard_genuine_tar": hard_tar,
     }
 
 
@@ -673,7 +690,8 @@ def render_markdown(r: dict, doc: Path) -> str:
         f"({size['identities'] * size['per_identity']} images), {size['hard_share']:.0%} of them hard (large pose plus "
         f"at least two of occlusion, blur, low light), seed {size['data_seed']}.",
         f"- Held-out set: {size['heldout_identities']} other identities x {size['heldout_per_identity']} images, "
-        f"same hard share. All {r['pairs']['all']} image pairs are scored: {r['pairs']['genuine']} genuine, "
+        f"{size.get('heldout_hard_share') if size.get('heldout_hard_share') is not None else size['hard_share']:.0%} "
+        f"of them hard. All {r['pairs']['all']} image pairs are scored: {r['pairs']['genuine']} genuine, "
         f"{r['pairs']['impostor']} impostor. Accuracy: 10-fold protocol (threshold chosen on 9 folds) on "
         f"{r['pairs']['balanced']} balanced pairs (every genuine pair + as many sampled impostor pairs). TAR@FAR uses "
         f"every impostor pair; measurable FAR levels: {', '.join(r['pairs']['measurable_fars']) or 'none'} "
@@ -732,16 +750,18 @@ def render_markdown(r: dict, doc: Path) -> str:
         "## Where the strict-FAR floor comes from",
         "",
         "TAR over the pairs in which neither image is a hard sample (mean ± std over seeds), and the share of the "
-        f"impostor pairs above each model's FAR={fars[1]} threshold that pair two hard images:",
+        f"impostor pairs above each model's FAR={fars[1]} threshold that pair two hard images, and the TAR of the "
+        f"genuine pairs that hold a hard image at that same threshold (what the method is meant to lift):",
         "",
-        f"| arm | {' | '.join(f'TAR@FAR={far}, no hard image' for far in fars)} | top impostors both hard |",
-        f"|---|{tar_rule}---|",
+        f"| arm | {' | '.join(f'TAR@FAR={far}, no hard image' for far in fars)} | top impostors both hard "
+        f"| hard genuine pairs accepted |",
+        f"|---|{tar_rule}---|---|",
     ]
     for f in r["floor"].values():
         share = f["top_impostors_both_hard"]["mean"]
         share_text = "unavailable" if share is None else f"{share:.0%}"
         lines.append(f"| {f['label']} | " + " | ".join(fmt_spread(f["tar_no_hard"][far]) for far in fars)
-                     + f" | {share_text} |")
+                     + f" | {share_text} | {fmt_spread(f['hard_genuine_tar'])} |")
     lines += [
         "",
         "## Per epoch",
@@ -1069,7 +1089,8 @@ def summarise(trained: dict) -> dict:
                        "tar_no_hard": {m: spread([row[arm.key]["tar_at_far_no_hard"][m] for row in per_seed])
                                        for m in metrics[1:]},
                        "top_impostors_both_hard": spread([row[arm.key]["top_impostors_both_hard"]
-                                                          for row in per_seed])}
+                                                          for row in per_seed]),
+                       "hard_genuine_tar": spread([row[arm.key].get("hard_genuine_tar") for row in per_seed])}
              for arm in ARMS}
     no_hard_tar = floor[REFERENCE]["tar_no_hard"][headline_key]["mean"]
     if reference_tar is not None and not floor_cleared and no_hard_tar is not None:
