@@ -85,6 +85,20 @@ VARIANTS = (
     ("clip5", "gradient clipping at 5", ("optim.grad_clip=5",)),
     ("diversity_2s", "diversity at twice the head's s", ("method.diversity_scale=DOUBLE_HEAD_SCALE",)),
 )
+
+
+def doses(size: "Size") -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """Dose-response of the method's other knobs around the size's own (seed 0, the method's lambdas;
+    lambda2's is the sweep's): NP prototypes, K mined identities (K x 8 mined images), the interval."""
+    nps = (max(1, size.hard_negatives // 5), min(3 * size.hard_negatives, size.identities - 1))
+    ks = (max(1, size.mined_identities // 2), 2 * size.mined_identities)
+    intervals = (max(1, size.interval * 2 // 5), size.interval * 2)
+    return (
+        *((f"np{v}", f"NP = {v} hard-negative prototypes", (f"head.num_hard_negatives={v}",)) for v in nps),
+        *((f"k{v}", f"K = {v} mined identities ({8 * v} mined images)", (f"method.identities={v}",)) for v in ks),
+        *((f"interval{v}", f"the refined branch every {v} steps", (f"method.interval={v}",)) for v in intervals),
+    )
+
 REPORTED_FARS = (1e-2, 1e-3, 1e-4)
 HEADLINE_FAR = 1e-3
 ALL_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -121,6 +135,7 @@ class Size:
     joint_max_steps: Optional[int] = None
     sweep: bool = False             # the Table A1 grid, one seed
     variants: bool = False          # VARIANTS, one seed
+    doses: bool = False             # DOSES, one seed
     probe_every: int = 10           # refined-branch steps between gradient probes
     workers: int = 1
     threads: Optional[int] = 2
@@ -165,7 +180,7 @@ SIZES = {
     "smoke": Size(name="smoke", backbone="ir18", width=0.0625, identities=20, per_identity=12,
                   heldout_identities=6, heldout_per_identity=4, seeds=1, batch_size=16, mined_identities=2,
                   pretrain_epochs=1, joint_epochs=1, milestones=(), interval=1, hard_negatives=8,
-                  pretrain_max_steps=2, joint_max_steps=2, sweep=True, variants=True, probe_every=1, workers=0,
+                  pretrain_max_steps=2, joint_max_steps=2, sweep=True, variants=True, doses=True, probe_every=1, workers=0,
                   threads=1,
                   note="harness test only: a few steps, numbers are meaningless"),
     # About 2 hours on the whole 2-core machine, from timed runs on 2026-12-03: the seed-0 pretrain
@@ -192,7 +207,7 @@ SIZES = {
     "gpu": Size(name="gpu", backbone="ir50", width=1.0, identities=5000, per_identity=32,
                 heldout_identities=1000, heldout_per_identity=10, seeds=3, batch_size=512, mined_identities=64,
                 pretrain_epochs=4, joint_epochs=12, milestones=(6.0, 9.0, 11.0), head_scale=64.0, head_margin=0.5,
-                hard_negatives=500, sweep=True, variants=True, probe_every=20, workers=8, threads=None, device="cuda",
+                hard_negatives=500, sweep=True, variants=True, doses=True, probe_every=20, workers=8, threads=None, device="cuda",
                 amp="bf16", heldout_hard_share=0.01, note="IR-50 full width, paper head, 4 + 12 epochs, bf16 on one GPU"),
 }
 
@@ -612,6 +627,10 @@ def fmt_spread(s: dict) -> str:
     return f"{s['mean'] * 100:.2f} ± {s['std'] * 100:.2f} [{s['min'] * 100:.2f}–{s['max'] * 100:.2f}]"
 
 
+def fmt_difference(value: Optional[float], reference: Optional[float]) -> str:
+    return "unavailable" if value is None or reference is None else f"{(value - reference) * 100:+.2f}"
+
+
 def backbone_label(name: str) -> str:
     """``ir18`` -> ``IR-18``, as the papers write it."""
     head = name.rstrip("0123456789")
@@ -841,27 +860,28 @@ def render_markdown(r: dict, doc: Path) -> str:
                          + f" | {closeness} | {diversity} |")
         lines += ["", "With one seed per point, a sweep difference smaller than the seed spread of the ablation "
                       "above means nothing."]
-    if r.get("variants"):
+    for group, title in (("variants", "Each faithful setting undone"), ("doses", "Dose-response: NP, K, interval")):
+        if not r.get(group):
+            continue
         method0 = r["per_seed"][0]["method"]
         lines += [
             "",
-            f"## Each faithful setting undone (seed 0, lambdas {lambda_label(METHOD)})",
+            f"## {title} (seed 0, lambdas {lambda_label(METHOD)})",
             "",
-            "From the seed-0 pretrain, the method arm's run with one setting changed; the difference is against "
+            "From the seed-0 pretrain, the method arm's run with one setting changed; the differences are against "
             "that run (one seed: a difference inside the ablation's seed spread means nothing).",
             "",
-            f"| variant | accuracy | {tar_header} | accuracy difference |",
-            f"|---|---|{tar_rule}---|",
+            f"| change | accuracy | {tar_header} | accuracy difference | TAR@FAR={fars[1]} difference |",
+            f"|---|---|{tar_rule}---|---|",
             f"| (method arm, seed 0) | {fmt(method0['accuracy'])} | "
-            + " | ".join(fmt(method0["tar_at_far"][far]) for far in fars) + " | |",
+            + " | ".join(fmt(method0["tar_at_far"][far]) for far in fars) + " | | |",
         ]
-        for v in r["variants"]:
+        for v in r[group]:
             sc = v["scores"]
-            diff = (None if sc["accuracy"] is None or method0["accuracy"] is None
-                    else sc["accuracy"] - method0["accuracy"])
             lines.append(f"| {v['label']} | {fmt(sc['accuracy'])} | "
                          + " | ".join(fmt(sc["tar_at_far"][far]) for far in fars)
-                         + f" | {'unavailable' if diff is None else f'{diff * 100:+.2f}'} |")
+                         + f" | {fmt_difference(sc['accuracy'], method0['accuracy'])} | "
+                         + f"{fmt_difference(sc['tar_at_far'][fars[1]], method0['tar_at_far'][fars[1]])} |")
     lines += [
         "",
         "## Figures",
@@ -1007,14 +1027,14 @@ def train_arms(size: Size, data: Path, heldout: Heldout, runs: Path, device: str
                                  "lambda_closeness": lambdas[0], "lambda_diversity": lambdas[1],
                                  "scores": final(run_dir)[0], "losses": rrb_losses(run_dir)})
 
-    out["variants"] = []
-    if size.variants:
-        start0 = runs / "seed0" / "pretrain" / "checkpoints" / "last.pt"
-        for key, label, extra in VARIANTS:
+    start0 = runs / "seed0" / "pretrain" / "checkpoints" / "last.pt"
+    for group, wanted, changes in (("variants", size.variants, VARIANTS), ("doses", size.doses, doses(size))):
+        out[group] = []
+        for key, label, extra in changes if wanted else ():
             run_dir = runs / "seed0" / f"variant_{key}"
             out["records"].append(train_once(size, data, run_dir, 0, "joint", METHOD, start0, extra=extra))
-            out["variants"].append({"key": key, "label": label, "overrides": list(extra),
-                                    "scores": final(run_dir)[0], "losses": rrb_losses(run_dir)})
+            out[group].append({"key": key, "label": label, "overrides": list(extra),
+                               "scores": final(run_dir)[0], "losses": rrb_losses(run_dir)})
     return out
 
 
@@ -1166,6 +1186,7 @@ def run_study(size: Size, work: Path, doc: Path, figures: Path, results_dir: Pat
         "mining": mining_recall(runs / "seed0" / "pretrain", data),
         "sweep": trained["sweep"],
         "variants": trained["variants"],
+        "doses": trained["doses"],
         "figures": {"histograms": str(hist), "roc": str(roc), "epochs": str(epochs), "gradients": str(gradients)},
         "runs": records,
         "train_wall_s": float(sum(r["wall_s"] for r in records)),
@@ -1201,13 +1222,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--figures", type=Path, help="figure directory (default docs/figures)")
     parser.add_argument("--results-dir", type=Path, help="where study_ablation*.json goes (default benchmarks/results)")
     parser.add_argument("--variants", action="store_true", help="also run each faithful setting undone (seed 0)")
+    parser.add_argument("--sweep", action="store_true", help="also run the lambda grid of Table A1 (seed 0)")
+    parser.add_argument("--doses", action="store_true", help="also run the NP, K and interval doses (seed 0)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     command = " ".join(["python -m benchmarks.study", *map(shlex.quote, argv)])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     size = SIZES[args.size]
-    if args.variants:
-        size = dataclasses.replace(size, variants=True)
+    if args.variants or args.sweep or args.doses:
+        size = dataclasses.replace(size, variants=size.variants or args.variants, sweep=size.sweep or args.sweep,
+                                   doses=size.doses or args.doses)
     paths = default_paths(size, args.workdir)
     doc = args.doc or paths["doc"]
     report = run_study(size, paths["work"], doc, args.figures or paths["figures"],

@@ -107,11 +107,23 @@ def test_report_has_paired_differences_curves_and_gradient_terms(smoke):
     assert "| Gradient clipping | off |" in markdown and "| Diversity scale s |" in markdown
     floor = table_rows(markdown, "| arm | TAR@FAR=1e-2, no hard image |")
     assert [row[0] for row in floor] == [arm.label for arm in study.ARMS]
-    assert all(row[-1].endswith("%") or row[-1] == "unavailable" for row in floor)
-    variants = table_rows(markdown, "| variant |")
-    assert [row[0] for row in variants[1:]] == [label for _, label, _ in study.VARIANTS]
-    for row in variants[1:]:
-        assert NUMBER_OR_UNAVAILABLE.match(row[1]) and re.match(r"^[+-]\d+\.\d+$|^unavailable$", row[-1]), row
+    assert all(row[-2].endswith("%") or row[-2] == "unavailable" for row in floor)
+    assert all(NUMBER_OR_UNAVAILABLE.match(row[-1]) for row in floor)  # the hard genuine pairs' TAR
+    faithful, dose = markdown.split("## Dose-response")
+    for text, changes in ((faithful, study.VARIANTS), (dose, study.doses(study.SIZES["smoke"]))):
+        rows = table_rows(text, "| change |")
+        assert [row[0] for row in rows[1:]] == [label for _, label, _ in changes]
+        for row in rows[1:]:
+            assert NUMBER_OR_UNAVAILABLE.match(row[1]), row
+            assert all(re.match(r"^[+-]\d+\.\d+$|^unavailable$", cell) for cell in row[-2:]), row
+
+
+def test_doses_bracket_the_sizes_own_settings():
+    size = study.SIZES["cpu2h"]
+    overrides = {key: extra[0] for key, _, extra in study.doses(size)}
+    assert overrides == {"np10": "head.num_hard_negatives=10", "np150": "head.num_hard_negatives=150",
+                         "k1": "method.identities=1", "k4": "method.identities=4",
+                         "interval2": "method.interval=2", "interval10": "method.interval=10"}
 
 
 def test_result_json_and_figures(smoke):
@@ -137,8 +149,9 @@ def test_second_invocation_reuses_the_finished_runs(smoke):
     root, paths, argv = smoke
     models = sorted((root / "work" / "runs").rglob("model.pt"))
     sweep_only = set(study.SWEEP) - {arm.lambdas for arm in study.ARMS if arm.refined}
-    # pretrain, every arm, the other sweep points, each faithful setting undone
-    assert len(models) == 1 + len(study.ARMS) + len(sweep_only) + len(study.VARIANTS)
+    # pretrain, every arm, the other sweep points, each faithful setting undone, each dose
+    doses = study.doses(study.SIZES["smoke"])
+    assert len(models) == 1 + len(study.ARMS) + len(sweep_only) + len(study.VARIANTS) + len(doses)
     before = {p: p.stat().st_mtime_ns for p in models}
     study.main(argv)
     assert {p: p.stat().st_mtime_ns for p in models} == before
