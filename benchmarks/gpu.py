@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -64,6 +65,10 @@ def part_training(args: argparse.Namespace) -> dict:
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         return {"skipped": f"train_step exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"}
+    tag = f"{args.backbone}{'_w025' if args.quick else ''}_{args.device}{'_bf16' if args.device == 'cuda' else ''}"
+    if args.results_dir.resolve() != RESULTS_DIR.resolve():  # a device run brings back only its results folder
+        for name in (f"train_rrb_overhead_{tag}.json", f"train_throughput_{tag}.json"):
+            shutil.copy2(RESULTS_DIR / name, args.results_dir / name)
     return {"command": " ".join(command[1:]).replace(sys.executable, "python"), "wall_s": time.monotonic() - started,
             "printed": done.stdout.strip().splitlines()[-1:]}
 

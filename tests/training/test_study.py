@@ -123,13 +123,14 @@ def test_doses_bracket_the_sizes_own_settings():
     overrides = {key: extra[0] for key, _, extra in study.doses(size)}
     assert overrides == {"np10": "head.num_hard_negatives=10", "np150": "head.num_hard_negatives=150",
                          "k1": "method.identities=1", "k4": "method.identities=4",
-                         "interval2": "method.interval=2", "interval10": "method.interval=10"}
+                         "interval2": "method.interval=2", "interval10": "method.interval=10",
+                         "lambda2_0.25": "method.lambda_diversity=0.25", "lambda2_0.5": "method.lambda_diversity=0.5"}
 
 
 def test_result_json_and_figures(smoke):
     _, paths, _ = smoke
     record = json.loads((paths["results"] / "study_ablation_smoke.json").read_text())
-    assert "TAR@FAR=1e-3" in record["metric"] and "beyond the seed spread" in record["target"]
+    assert "TAR@FAR=1e-3" in record["metric"] and "paired 95% CI excluding 0" in record["target"]
     details = record["details"]
     # The smoke held-out set cannot measure TAR@FAR=1e-3: the headline says so instead of inventing a number.
     assert record["value"] is None and details["headline_comparison"]["verdict"] == "unavailable"
@@ -171,10 +172,16 @@ def test_cpu2h_size_answers_the_issue():
 
 
 def test_verdict_rules():
-    # A gap inside the seed spread is not a result, however it points.
+    # Seeds that disagree in sign are not a result, however large the mean gap.
     assert study.compare([0.80, 0.84, 0.82], [0.81, 0.83, 0.84], "acc")["verdict"] == "not distinguishable"
-    # Beyond the spread, but one seed disagrees: still not distinguishable.
     assert study.compare([0.80, 0.80, 0.80], [0.85, 0.85, 0.79], "acc")["verdict"] == "not distinguishable"
+    # Every seed agrees, but the paired differences scatter so widely that their 95% CI holds 0.
+    wide = study.compare([0.80, 0.80, 0.80], [0.79, 0.75, 0.799], "acc")
+    assert wide["verdict"] == "not distinguishable" and wide["ci95"][0] < 0 < wide["ci95"][1]
+    # Paired: a 1-point loss in every seed is a result even where the arms' own seed spread is 5 points,
+    # since each seed's luck is shared by both of its arms.
+    paired = study.compare([0.80, 0.85, 0.90], [0.79, 0.84, 0.89], "acc")
+    assert paired["verdict"] == "hurts" and paired["seed_std"] > 0.04 and paired["ci95"][1] < 0
     helps = study.compare([0.800, 0.805, 0.802], [0.830, 0.834, 0.829], "acc")
     assert helps["verdict"] == "helps" and "helps by 2.87 points" in helps["text"]
     assert study.compare([0.83, 0.834, 0.829], [0.80, 0.805, 0.802], "acc")["verdict"] == "hurts"
