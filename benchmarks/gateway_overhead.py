@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.gateway_embeddings import _crops
+from benchmarks.gateway_embeddings import _crops, start_gateway
 from benchmarks.results import write_result
 from cdface.core.contract import INPUT_NAME
 
@@ -86,33 +86,6 @@ def _before_checkout(commit: str, tmp: Path) -> tuple[str, Path]:
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(checkout)],
                    check=True, capture_output=True)
     return python, checkout
-
-
-def _start_gateway(python: str, cwd: Path, tmp: Path, name: str, triton_grpc: str, repo: Path,
-                   extra: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    from cdface.devtools.triton_local import free_port
-
-    port = free_port()
-    env = {**os.environ, "CDFACE_SERVE_PORT": str(port), "CDFACE_SERVE_DB_PATH": str(tmp / f"{name}.db"),
-           "CDFACE_SERVE_CREATE_DB": "1", "CDFACE_SERVE_TRITON_URL": triton_grpc,
-           "CDFACE_SERVE_MODEL_REPOSITORY": str(repo), "CDFACE_SERVE_AUTH": "false",
-           "CDFACE_SERVE_LOG_LEVEL": "warning", **extra}
-    proc = subprocess.Popen([python, "-m", "cdface.serving.cli", "serve"], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit(f"gateway {name} exited: {(tmp / f'{name}.log').read_text()[-1500:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"gateway {name} did not become ready: {(tmp / f'{name}.log').read_text()[-1500:]}")
 
 
 def _measure(urls: dict[str, str], grpc_url: str, rounds: int, requests: int) -> dict[str, list[float]]:
@@ -255,12 +228,12 @@ def main() -> None:
         with TritonServer(tmp / "repo", log_path=tmp / "triton.log") as server:
             procs = {}
             try:
-                procs["before"] = _start_gateway(before_python, before_dir, tmp, "before",
+                procs["before"] = start_gateway(before_python, before_dir, tmp, "before",
                                                  server.grpc_url, tmp / "repo", {})
-                procs["now"] = _start_gateway(sys.executable, REPO, tmp, "now", server.grpc_url, tmp / "repo", now)
-                procs["now-no-gate"] = _start_gateway(sys.executable, REPO, tmp, "now-no-gate", server.grpc_url,
+                procs["now"] = start_gateway(sys.executable, REPO, tmp, "now", server.grpc_url, tmp / "repo", now)
+                procs["now-no-gate"] = start_gateway(sys.executable, REPO, tmp, "now-no-gate", server.grpc_url,
                                                       tmp / "repo", {**now, "CDFACE_SERVE_MIN_CROP_FACE_SCORE": "0"})
-                procs["now-no-rate-limit"] = _start_gateway(sys.executable, REPO, tmp, "now-no-rate-limit",
+                procs["now-no-rate-limit"] = start_gateway(sys.executable, REPO, tmp, "now-no-rate-limit",
                                                             server.grpc_url, tmp / "repo",
                                                             {**now, "CDFACE_SERVE_RATE_LIMIT": "none"})
                 p50s = _measure({name: url for name, (_, url) in procs.items()}, server.grpc_url, args.rounds,

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Awaitable, Callable, Generic, TypeVar
 
+import anyio.to_thread
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
@@ -31,17 +32,19 @@ from cdface.serving.store import ApiKey
 from cdface.serving.usecases.images import ImageIn
 
 # -- the service, its settings, the metrics ----------------------------------------------------------
+# Dependencies that do not block are ``async def``: FastAPI runs a plain ``def`` dependency in a worker
+# thread, a hop that costs more than the dependency itself.
 
 
-def get_service(request: Request) -> FaceService:
+async def get_service(request: Request) -> FaceService:
     return request.app.state.service
 
 
-def get_settings(request: Request) -> Settings:
-    return get_service(request).settings
+async def get_settings(request: Request) -> Settings:
+    return request.app.state.service.settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
@@ -62,11 +65,9 @@ def require(scope: str) -> Any:
     The key (None without keys) is the route's to use: its tenant bounds what the route reads and writes
     (``cdface.serving.auth.tenant_of``; "default" without keys)."""
 
-    def check(request: Request, service: ServiceDep, bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
-              header: str | None = Depends(_header)) -> ApiKey | None:
+    def check_blocking(request: Request, service: FaceService, key: str | None) -> ApiKey | None:
         record = None
         if service.settings.auth:
-            key = (bearer.credentials if bearer else None) or header
             record = authorize(service.store, key, scope, service.settings.pepper)
         limiter: RateLimiter = request.app.state.rate_limiter
         if limiter.enabled:
@@ -74,6 +75,15 @@ def require(scope: str) -> Any:
             caller = f"key:{record.id}" if record else f"address:{request.client.host if request.client else '-'}"
             limiter.hit(scope, caller)
         return record
+
+    async def check(request: Request, service: ServiceDep,
+                    bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
+                    header: str | None = Depends(_header)) -> ApiKey | None:
+        key = (bearer.credentials if bearer else None) or header
+        limiter: RateLimiter = request.app.state.rate_limiter
+        if service.settings.auth or (limiter.enabled and not limiter.in_process):  # a database or network call
+            return await anyio.to_thread.run_sync(check_blocking, request, service, key)
+        return check_blocking(request, service, key)
 
     return Depends(check)
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from limits import RateLimitItem, parse_many
 from limits.errors import ConfigurationError
-from limits.storage import storage_from_string
+from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 from cdface.core.errors import CdfaceError
@@ -51,6 +51,8 @@ class RateLimiter:
         except ConfigurationError as exc:  # e.g. redis:// without the redis package; the message holds no URI
             raise CdfaceError(f"CDFACE_SERVE_RATE_LIMIT_STORAGE cannot be used: {exc}") from None
         self._window = MovingWindowRateLimiter(storage)
+        # Counts in this process's memory are a few microseconds to update; a shared storage is a network call.
+        self.in_process = isinstance(storage, MemoryStorage)
 
     def limits_of(self, group: str) -> Sequence[RateLimitItem]:
         return self._by_group.get(group, self._default)

@@ -11,6 +11,7 @@ touching the network, until ``breaker_reset_s`` has passed; then one probe reque
 at a second or two so a restarted server is found again quickly, without restarting the gateway.
 
 All faces of one HTTP request go to Triton as one batch (split only at the model's maximum batch).
+With ``merge_slots`` > 0, faces of concurrent requests share calls too (``cdface.serving.merging``).
 
 The endpoint is a gRPC target (setting ``triton_url``). ``host:port`` is one server over one connection.
 ``dns:///name:port`` (every address the name resolves to, e.g. a Kubernetes headless Service) and
@@ -34,6 +35,7 @@ import numpy as np
 from cdface.core.contract import INPUT_NAME, OUTPUT_NAME
 from cdface.serving import deadline
 from cdface.serving.errors import ServingError
+from cdface.serving.merging import CallMerger
 
 log = logging.getLogger("cdface.serving.triton")
 
@@ -184,7 +186,7 @@ class TritonEmbedder:
 
     def __init__(self, url: str, model: str, version: int | None, *, dim: int, timeout_s: float = 10.0,
                  retries: int = 2, breaker_failures: int = 3, breaker_reset_s: float = 5.0,
-                 max_batch: int = 32) -> None:
+                 max_batch: int = 32, merge_slots: int = 0) -> None:
         self.url, self.model = url, model
         self.version = "" if version is None else str(version)
         self.dim = dim
@@ -193,6 +195,8 @@ class TritonEmbedder:
         self.max_batch = max_batch
         self.breaker = CircuitBreaker(breaker_failures, breaker_reset_s)
         self._client = None
+        self.merger = CallMerger(self._infer, slots=merge_slots, max_batch=max_batch, timeout_error=_timed_out) \
+            if merge_slots else None
 
     def _get_client(self):
         if self._client is None:
@@ -239,8 +243,8 @@ class TritonEmbedder:
         request_ends_at = deadline.expires_at()
         if request_ends_at is not None:
             ends_at = min(ends_at, request_ends_at - _ANSWER_RESERVE_S)
-        parts = [await self._infer(crops[i:i + self.max_batch], ends_at)
-                 for i in range(0, len(crops), self.max_batch)]
+        infer = self.merger.run if self.merger is not None else self._infer
+        parts = [await infer(crops[i:i + self.max_batch], ends_at) for i in range(0, len(crops), self.max_batch)]
         return np.concatenate(parts)
 
     async def _infer(self, batch: np.ndarray, ends_at: float) -> np.ndarray:
@@ -284,6 +288,10 @@ class TritonEmbedder:
             return output.astype(np.float32, copy=False)
         log.warning("Triton unavailable after %d attempt(s) within the time budget: %s", attempts, last)
         raise TritonUnavailable("the model server is unavailable", max(1.0, self.breaker.reset_s))
+
+
+def _timed_out() -> TritonUnavailable:
+    return TritonUnavailable("the model server did not answer within the time budget", 1.0)
 
 
 def _model_missing(exc: Exception) -> bool:

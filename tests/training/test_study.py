@@ -187,3 +187,32 @@ def test_verdict_rules():
     assert study.compare([0.83, 0.834, 0.829], [0.80, 0.805, 0.802], "acc")["verdict"] == "hurts"
     assert study.compare([0.8], [0.9], "acc")["verdict"] == "one seed"
     assert study.compare([None, 0.8], [0.8, 0.8], "acc")["verdict"] == "unavailable"
+
+
+def _scores(accuracy: float, tar: float) -> dict:
+    far = {"1e-2": tar + 0.1, "1e-3": tar, "1e-4": tar - 0.1}
+    return {"accuracy": accuracy, "tar_at_far": far, "tar_at_far_no_hard": far, "top_impostors_both_hard": 0.0,
+            "hard_genuine_tar": 0.0}
+
+
+def test_a_one_seed_lead_is_judged_paired_over_every_seed():
+    # Three seeds of every arm; one dose beat ArcFace alone at seed 0 and was rerun with seeds 1 and 2.
+    reference = [_scores(0.95, t) for t in (0.70, 0.60, 0.66)]
+    per_seed = [{"seed": seed, "pretrain": reference[seed],
+                 **{arm.key: reference[seed] for arm in study.ARMS}} for seed in range(3)]
+    dose = {"key": "lambda2_0.5", "label": "lambda2 = 0.5", "is_arm": False, "scores": _scores(0.95, 0.71)}
+    assert study.beats_reference(dose["scores"], per_seed[0]["baseline"])
+    assert not study.beats_reference(_scores(0.95, 0.69), per_seed[0]["baseline"])
+
+    def summarise(lead_tars):
+        trained = {"per_seed": per_seed, "gradients": [], "sweep": [], "variants": [], "doses": [dose],
+                   "leads": [{"group": "doses", "label": dose["label"],
+                              "per_seed": [_scores(0.95, t) for t in lead_tars]}]}
+        return study.summarise(trained)
+
+    held = summarise((0.71, 0.61, 0.67))  # +1 point at every seed
+    assert [c["verdict"] for c in held["leads"][0]["comparisons"]][2] == "helps"
+    assert "Seed-0 lead lambda2 = 0.5 (doses), rerun with 3 seeds: helps" in held["headline"]
+    faded = summarise((0.71, 0.58, 0.66))  # the seed-0 lead does not hold at the other seeds
+    assert faded["leads"][0]["comparisons"][2]["verdict"] == "not distinguishable"
+    assert "rerun with 3 seeds: not distinguishable" in faded["headline"]
