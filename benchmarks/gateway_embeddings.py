@@ -10,7 +10,8 @@ rotated from round to round; ratios and overheads are taken within a round, then
 rounds is quoted with the range. Targets: overhead <= 2 ms at concurrency 1 (p50 minus direct
 p50), throughput >= 0.95x direct at 8 and 32.
 
-    python -m benchmarks.gateway_embeddings    # ~3 minutes
+    python -m benchmarks.gateway_embeddings                 # ~3 minutes
+    python -m benchmarks.gateway_embeddings --model tiny    # a near-free model: the gateway's own ms show
 """
 
 from __future__ import annotations
@@ -148,6 +149,9 @@ def summarise(raw: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds of 2 s per arm and level (default 5 of 4 s)")
+    parser.add_argument("--model", choices=("sface", "tiny"), default="sface",
+                        help="sface: a real model (~50 ms a call here); tiny: a near-free stand-in with the real "
+                             "preprocessing (benchmarks.gateway_overhead's), so the gateway's own milliseconds show")
     parser.add_argument("--merge-slots", type=int, default=2,
                         help="CDFACE_SERVE_TRITON_MERGE_SLOTS of the gateway-merged arm")
     args = parser.parse_args()
@@ -161,9 +165,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="cdface-bench-") as tmp:
         tmp = Path(tmp)
-        wrap_onnx(assets.sface_onnx(), tmp / "sface", name="sface", version=1, input_layout="NCHW",
-                  channel_order="RGB", mean=0.0, std=1.0, licence=assets.SFACE_LICENCE)
-        add_model_version(tmp / "repo", "face", tmp / "sface", backend="python", max_batch_size=32,
+        if args.model == "sface":
+            source, licence = assets.sface_onnx(), assets.SFACE_LICENCE
+        else:
+            from benchmarks.gateway_overhead import _tiny_model  # that module imports this one at its top
+
+            source, licence = _tiny_model(tmp / "tiny.onnx"), "generated for this benchmark"
+        wrap_onnx(source, tmp / "model", name=args.model, version=1, input_layout="NCHW",
+                  channel_order="RGB", mean=0.0, std=1.0, licence=licence)
+        add_model_version(tmp / "repo", "face", tmp / "model", backend="python", max_batch_size=32,
                           preferred=[8, 32], queue_delay_us=2_000)
         with TritonServer(tmp / "repo", log_path=tmp / "triton.log") as server:
             settings = {"gateway": {"CDFACE_SERVE_TRITON_MERGE_SLOTS": "0"},
@@ -182,16 +192,19 @@ def main() -> None:
     levels_summary = summarise(raw)
     details = {"levels": levels_summary, "rounds": rounds, "seconds_per_arm": seconds,
                "merge_slots": args.merge_slots, "arms": list(ARMS),
-               "model": "wrapped SFace (128-d), Triton Python backend + ONNX Runtime, dynamic batching",
+               "model": ("wrapped SFace (128-d)" if args.model == "sface" else
+                         "a near-free 128-d stand-in (mean colour, projected)")
+               + ", Triton Python backend + ONNX Runtime, dynamic batching",
                "client": "one asyncio process: httpx to the gateways, tritonclient gRPC aio to Triton"}
     c1 = levels_summary["1"]["gateway"]["overhead_p50_ms"]
-    write_result("gateway_embeddings_overhead_c1",
+    prefix = "gateway_embeddings" if args.model == "sface" else "gateway_embeddings_tiny"
+    write_result(f"{prefix}_overhead_c1",
                  "ms the gateway adds to an aligned-crop /v1/embeddings request at concurrency 1 (p50 minus direct "
                  "Triton gRPC p50, same round; median over rounds)", c1["median"], None, "value <= 2.0", details)
     for c in (8, 32):
         best = max(("gateway", "gateway-merged"), key=lambda arm: levels_summary[str(c)][arm]["ratio_vs_direct"]["median"])
         arm = levels_summary[str(c)][best]
-        write_result(f"gateway_embeddings_vs_direct_c{c}",
+        write_result(f"{prefix}_vs_direct_c{c}",
                      f"aligned-crop requests/s through the gateway at concurrency {c} ({best}; baseline: direct "
                      f"Triton gRPC, same round)", arm["throughput"]["median"],
                      levels_summary[str(c)]["direct"]["throughput"]["median"], "ratio >= 0.95", details)

@@ -22,7 +22,8 @@ in (0, threshold), the shared prototype set, a separate forward pass for the min
    ``benchmarks/results/study_ablation.json`` (headline: the paired difference at TAR@FAR=1e-3).
 
     python -m benchmarks.study --size smoke    # < 60 s on 2 cores: tests the harness, proves nothing
-    python -m benchmarks.study --size cpu2h    # ~35 min on the 2-core machine (--doses: ~15 more): docs/study.md
+    python -m benchmarks.study --size cpu2h    # ~35 min on the 2-core machine: docs/study.md
+    python -m benchmarks.study --size cpu2h --doses --variants --sweep    # + ~2 min a one-seed run: ~1 h
     python -m benchmarks.study --size gpu      # IR-50, thousands of identities, bf16: one GPU
 
 Every run has its own directory; a run whose ``model.pt`` exists is not trained again, and an
