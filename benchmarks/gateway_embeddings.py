@@ -108,17 +108,42 @@ async def _measure(gateways: dict[str, str], grpc_url: str, levels: list[int], s
     for call in calls.values():  # warm-up: connections, the model's first batches
         await _drive(call, 8, 1.0)
     out: dict[int, dict[str, list[dict]]] = {c: {arm: [] for arm in calls} for c in levels}
+    c1_totals: dict[str, dict[str, float]] = {arm: {} for arm in gateways}  # stage seconds at concurrency 1
     for r in range(rounds):
         for c in levels:
             order = list(calls)[r % len(calls):] + list(calls)[:r % len(calls)]
             for arm in order:
+                before = await _gateway_seconds(clients[arm]) if c == 1 and arm in clients else None
                 out[c][arm].append(await _drive(calls[arm], c, seconds))
+                if before is not None:
+                    after = await _gateway_seconds(clients[arm])
+                    for name, value in after.items():
+                        c1_totals[arm][name] = c1_totals[arm].get(name, 0.0) + value - before.get(name, 0.0)
             print(f"round {r + 1}/{rounds} concurrency {c:>2}: " + "  ".join(
                 f"{arm} {out[c][arm][-1]['throughput']:6.1f}/s p50 {out[c][arm][-1]['p50_ms']:5.1f} ms"
                 for arm in calls), flush=True)
+    # Mean ms per request at concurrency 1: inside the gateway ("request_s") and in each stage.
+    stages = {arm: {name: round(1e3 * total / (totals.get("request") or 1.0), 3)
+                    for name, total in totals.items() if name != "request" and total > 0}
+              for arm, totals in c1_totals.items()}
     for client in clients.values():
         await client.aclose()
     await direct.close()
+    return {"levels": out, "stages_ms": stages}
+
+
+async def _gateway_seconds(client) -> dict[str, float]:
+    """The gateway's cumulative seconds per stage (``cdface_stage_seconds``), its /v1/embeddings requests'
+    seconds (``request_s``) and count (``request``), from its /metrics: differences around a timed run
+    say where a request's time goes inside the gateway."""
+    out: dict[str, float] = {}
+    for line in (await client.get("/metrics")).text.splitlines():
+        if line.startswith("cdface_stage_seconds_sum{"):
+            out[line.split('"')[1]] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("cdface_http_request_seconds_sum{") and 'route="/v1/embeddings"' in line:
+            out["request_s"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("cdface_http_request_seconds_count{") and 'route="/v1/embeddings"' in line:
+            out["request"] = float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -184,14 +209,14 @@ def main() -> None:
                                            {"CDFACE_SERVE_RATE_LIMIT": "none", **env})
                         for arm, env in settings.items()}
             try:
-                raw = asyncio.run(_measure({arm: url for arm, (_, url) in gateways.items()}, server.grpc_url,
+                measured = asyncio.run(_measure({arm: url for arm, (_, url) in gateways.items()}, server.grpc_url,
                                            levels, seconds, rounds))
             finally:
                 for process, _ in gateways.values():
                     process.terminate()
                     process.wait(timeout=20)
-    levels_summary = summarise(raw)
-    details = {"levels": levels_summary, "rounds": rounds, "seconds_per_arm": seconds,
+    levels_summary = summarise(measured["levels"])
+    details = {"levels": levels_summary, "stages_ms": measured["stages_ms"], "rounds": rounds, "seconds_per_arm": seconds,
                "merge_slots": args.merge_slots, "arms": list(ARMS),
                "model": ("wrapped SFace (128-d)" if args.model == "sface" else
                          "a near-free 128-d stand-in (mean colour, projected)")
