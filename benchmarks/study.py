@@ -23,7 +23,7 @@ in (0, threshold), the shared prototype set, a separate forward pass for the min
 
     python -m benchmarks.study --size smoke    # < 60 s on 2 cores: tests the harness, proves nothing
     python -m benchmarks.study --size cpu2h    # ~35 min on the 2-core machine: docs/study.md
-    python -m benchmarks.study --size cpu2h --doses --variants --sweep    # + ~2 min a one-seed run: ~1 h
+    python -m benchmarks.study --size cpu2h --doses --variants --sweep    # + 21 one-seed runs: ~80 min
     python -m benchmarks.study --size gpu      # IR-50, thousands of identities, bf16: one GPU
 
 Every run has its own directory; a run whose ``model.pt`` exists is not trained again, and an

@@ -75,11 +75,12 @@ class Settings(BaseSettings):
     breaker_failures: int = Field(default=3, ge=1)
     breaker_reset_s: float = Field(default=5.0, gt=0)
     triton_max_batch: int = Field(default=32, ge=1)
-    triton_merge_slots: int = Field(default=2, ge=0, le=64, description=(
-        "Micro-batching: at most this many Triton calls in flight per served model, and the faces of requests "
-        "that arrive while all are busy go together in the next call (up to triton_max_batch). A request that "
-        "finds a call free goes at once, so a lone request never waits. Raise it with the Triton instances "
-        "behind one gateway. 0: every request makes its own calls."))
+    triton_merge_slots: int = Field(default=0, ge=0, le=64, description=(
+        "Micro-batching, for a Triton across a network: at most this many Triton calls in flight per served "
+        "model, and the faces of requests that arrive while all are busy go together in the next call (up to "
+        "triton_max_batch). A request that finds a call free goes at once, so a lone request never waits. "
+        "0 (default): every request makes its own calls; with Triton on the same host its dynamic batcher "
+        "already merges them, and merging in the gateway measured no gain there (benchmarks.gateway_embeddings)."))
 
     # Decisions
     far: float = Field(default=1e-3, gt=0, lt=1, description="Target false accept rate for match decisions.")
