@@ -1,10 +1,10 @@
 """/v1/embeddings with aligned crops at concurrency 1, 8, 32 vs direct tritonclient calls to the same Triton.
 
 One run starts the real tritonserver (wrapped SFace, Python backend + ONNX Runtime, dynamic
-batching) and two gateways on it (their own processes, auth and rate limits off, SQLite in a
-temporary directory): ``gateway`` (every request its own Triton call) and ``gateway-merged``
-(micro-batching, ``--merge-slots`` calls in flight); the headline figures are ``gateway``'s, the
-default configuration's. A closed-loop client sends requests of one
+batching) and three gateways on it (their own processes, auth and rate limits off, SQLite in a
+temporary directory): ``gateway`` (every request its own Triton call), ``gateway-merged``
+(micro-batching, ``--merge-slots`` calls in flight) and ``gateway-shm`` (crops through system shared
+memory, 8 slots); the headline figures are ``gateway``'s, the default configuration's. A closed-loop client sends requests of one
 aligned 112x112 real-face crop each through a gateway (HTTP, JSON/base64) or straight to Triton
 (async gRPC, the baseline). Each round runs, per level, every arm for a few seconds in an order
 rotated from round to round; ratios and overheads are taken within a round, then the median over
@@ -80,7 +80,7 @@ async def _drive(call, concurrency: int, seconds: float) -> dict:
             "p99_ms": float(np.percentile(lat, 99))}
 
 
-ARMS = ("direct", "gateway", "gateway-merged")
+ARMS = ("direct", "gateway", "gateway-merged", "gateway-shm")
 
 
 async def _measure(gateways: dict[str, str], grpc_url: str, levels: list[int], seconds: float, rounds: int) -> dict:
@@ -204,7 +204,8 @@ def main() -> None:
                           preferred=[8, 32], queue_delay_us=2_000)
         with TritonServer(tmp / "repo", log_path=tmp / "triton.log") as server:
             settings = {"gateway": {"CDFACE_SERVE_TRITON_MERGE_SLOTS": "0"},
-                        "gateway-merged": {"CDFACE_SERVE_TRITON_MERGE_SLOTS": str(args.merge_slots)}}
+                        "gateway-merged": {"CDFACE_SERVE_TRITON_MERGE_SLOTS": str(args.merge_slots)},
+                        "gateway-shm": {"CDFACE_SERVE_TRITON_SHARED_MEMORY_SLOTS": "8"}}
             # one client address sends far more than the default rate limit (600/minute) allows
             gateways = {arm: start_gateway(sys.executable, REPO, tmp, arm, server.grpc_url, tmp / "repo",
                                            {"CDFACE_SERVE_RATE_LIMIT": "none", **env})

@@ -87,7 +87,8 @@ def open_embedder(settings: Settings, manifest: ModelManifest, version: int,
     return TritonEmbedder(settings.triton_url, model or settings.model, version, dim=manifest.embedding_size,
                           timeout_s=settings.triton_timeout_s, retries=settings.triton_retries,
                           breaker_failures=settings.breaker_failures, breaker_reset_s=settings.breaker_reset_s,
-                          max_batch=settings.triton_max_batch, merge_slots=settings.triton_merge_slots)
+                          max_batch=settings.triton_max_batch, merge_slots=settings.triton_merge_slots,
+                          shared_memory_slots=settings.triton_shared_memory_slots)
 
 
 @dataclass(frozen=True, eq=False)

@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     breaker_failures: int = Field(default=3, ge=1)
     breaker_reset_s: float = Field(default=5.0, gt=0)
     triton_max_batch: int = Field(default=32, ge=1)
+    triton_shared_memory_slots: int = Field(default=0, ge=0, le=256, description=(
+        "Crops to Triton through system shared memory (/dev/shm) instead of inside the gRPC messages: this "
+        "many calls at once (each slot holds triton_max_batch crops; more calls at once go over gRPC). Only "
+        "where the gateway and Triton share a host and its /dev/shm (a sidecar, the same machine); when "
+        "Triton cannot register the regions the gateway logs it and sends crops over gRPC. 0: off."))
     triton_merge_slots: int = Field(default=0, ge=0, le=64, description=(
         "Micro-batching, for a Triton across a network: at most this many Triton calls in flight per served "
         "model, and the faces of requests that arrive while all are busy go together in the next call (up to "

@@ -36,6 +36,7 @@ from cdface.core.contract import INPUT_NAME, OUTPUT_NAME
 from cdface.serving import deadline
 from cdface.serving.errors import ServingError
 from cdface.serving.merging import CallMerger
+from cdface.serving.shared_memory import SharedMemorySlots, Slot
 
 log = logging.getLogger("cdface.serving.triton")
 
@@ -186,7 +187,7 @@ class TritonEmbedder:
 
     def __init__(self, url: str, model: str, version: int | None, *, dim: int, timeout_s: float = 10.0,
                  retries: int = 2, breaker_failures: int = 3, breaker_reset_s: float = 5.0,
-                 max_batch: int = 32, merge_slots: int = 0) -> None:
+                 max_batch: int = 32, merge_slots: int = 0, shared_memory_slots: int = 0) -> None:
         self.url, self.model = url, model
         self.version = "" if version is None else str(version)
         self.dim = dim
@@ -197,6 +198,8 @@ class TritonEmbedder:
         self._client = None
         self.merger = CallMerger(self._infer, slots=merge_slots, max_batch=max_batch, timeout_error=_timed_out) \
             if merge_slots else None
+        self.shared_memory = SharedMemorySlots(shared_memory_slots, max_batch, dim) if shared_memory_slots else None
+        self._register_after = 0.0  # monotonic: when to try registering the shared memory again
 
     def _get_client(self):
         if self._client is None:
@@ -213,9 +216,29 @@ class TritonEmbedder:
         return self.breaker.state != "closed"
 
     async def close(self) -> None:
+        if self.shared_memory is not None:
+            await self.shared_memory.close(self._client)
+            self.shared_memory = None
         if self._client is not None:
             client, self._client = self._client, None
             await client.close()
+
+    async def _shared_memory_slot(self, left: float) -> Slot | None:
+        """A registered shared-memory slot for the next call, or None: the call goes over gRPC."""
+        slots = self.shared_memory
+        if slots is None:
+            return None
+        if not slots.registered:
+            if time.monotonic() < self._register_after:
+                return None
+            try:
+                await asyncio.wait_for(slots.register(self._get_client()), timeout=min(left, 2.0))
+            except Exception as exc:  # Triton elsewhere (no shared /dev/shm) or down: gRPC, and retry later
+                self._register_after = time.monotonic() + 30.0
+                log.warning("Triton shared memory not registered (%s): sending crops over gRPC",
+                            _short(exc) if isinstance(exc, Exception) and str(exc) else type(exc).__name__)
+                return None
+        return slots.take()
 
     async def model_ready(self, timeout_s: float = 2.0) -> bool:
         """Whether Triton reports the served model (and version) ready; False when it does not answer.
@@ -249,7 +272,7 @@ class TritonEmbedder:
 
     async def _infer(self, batch: np.ndarray, ends_at: float) -> np.ndarray:
         """One batch through Triton, attempts and retries only while ``ends_at`` (monotonic) has not passed."""
-        from tritonclient.grpc import InferInput
+        from tritonclient.grpc import InferInput, InferRequestedOutput
         from tritonclient.utils import InferenceServerException
 
         last = "no time was left for a call"
@@ -260,15 +283,33 @@ class TritonEmbedder:
                 break
             self.breaker.before()
             tensor = InferInput(INPUT_NAME, list(batch.shape), "UINT8")
-            tensor.set_data_from_numpy(batch)
+            slot = await self._shared_memory_slot(left)
+            outputs = None
+            if slot is not None and self.shared_memory is not None:
+                self.shared_memory.write(slot, batch)
+                tensor.set_shared_memory(slot.input_name, batch.nbytes)
+                output_request = InferRequestedOutput(OUTPUT_NAME)
+                output_request.set_shared_memory(slot.output_name, len(batch) * self.dim * 4)
+                outputs = [output_request]
+            else:
+                tensor.set_data_from_numpy(batch)
             attempts += 1
             try:
                 # gRPC's own deadline (client_timeout) ends the call with DEADLINE_EXCEEDED; wait_for is
                 # the backstop should the client library not honour it, a moment later.
                 result = await asyncio.wait_for(
-                    self._get_client().infer(self.model, [tensor], model_version=self.version, client_timeout=left),
+                    self._get_client().infer(self.model, [tensor], model_version=self.version, outputs=outputs,
+                                             client_timeout=left),
                     timeout=left + _BACKSTOP_S)
+                output = result.as_numpy(OUTPUT_NAME) if slot is None or self.shared_memory is None \
+                    else self.shared_memory.read(slot, len(batch))
             except (InferenceServerException, asyncio.TimeoutError, OSError) as exc:
+                if slot is not None and self.shared_memory is not None and "shared memory" in str(exc).lower():
+                    # Triton restarted and forgot the regions (it answered: it is up): register them
+                    # again, and retry at once.
+                    self.breaker.success()
+                    self.shared_memory.registered = False
+                    continue
                 status = exc.status() if isinstance(exc, InferenceServerException) else "StatusCode.DEADLINE_EXCEEDED"
                 if status not in _RETRYABLE and not _model_missing(exc):
                     self.breaker.success()  # the server answered: it is up
@@ -280,7 +321,9 @@ class TritonEmbedder:
                     await asyncio.sleep(backoff)
                     continue
                 break
-            output = result.as_numpy(OUTPUT_NAME)
+            finally:
+                if slot is not None and self.shared_memory is not None:
+                    self.shared_memory.give_back(slot)
             self.breaker.success()
             if output is None or output.shape != (len(batch), self.dim):
                 raise TritonRejected(f"the model returned {None if output is None else output.shape}, "

@@ -1,4 +1,4 @@
-"""Micro-batching in the gateway: faces of concurrent requests share Triton calls, each request gets its rows."""
+"""The gateway's Triton client: faces of concurrent requests merged into shared calls, and crops through shared memory."""
 
 from __future__ import annotations
 
@@ -102,3 +102,37 @@ def test_merging_is_off_unless_configured():
     assert TritonEmbedder("127.0.0.1:1", MODEL, 1, dim=128).merger is None
     with pytest.raises(ValueError):
         CallMerger(_echo_rows, slots=0, max_batch=4, timeout_error=lambda: TritonUnavailable("x", 1.0))
+
+
+def test_shared_memory_gives_the_same_embeddings_and_survives_triton_forgetting_the_regions(triton):
+    """Crops through /dev/shm regions registered with the real Triton: the same rows as over gRPC. When
+    Triton drops every registration (as a restart does), the next call registers them again."""
+    import tritonclient.grpc.aio as grpcaio
+
+    crops = _crops(7, 5)
+
+    async def go():
+        plain = TritonEmbedder(triton.grpc_url, MODEL, None, dim=128, timeout_s=30)
+        shared = TritonEmbedder(triton.grpc_url, MODEL, None, dim=128, timeout_s=30, shared_memory_slots=2)
+        admin = grpcaio.InferenceServerClient(triton.grpc_url)
+        try:
+            expected = await plain.embed(crops)
+            first = await shared.embed(crops)
+            status = await admin.get_system_shared_memory_status(as_json=True)
+            names = {region["name"] for region in status.get("regions", {}).values()}
+            assert shared.shared_memory is not None and shared.shared_memory.registered
+            await admin.unregister_system_shared_memory()  # every region, as a restarted Triton has none
+            again = await asyncio.gather(*(shared.embed(crops) for _ in range(3)))  # 3 at once: one over gRPC
+            status = await admin.get_system_shared_memory_status(as_json=True)
+            assert len(status.get("regions", {})) == 4  # registered again
+            return expected, first, again, names
+        finally:
+            await admin.close()
+            await plain.close()
+            await shared.close()
+
+    expected, first, again, names = asyncio.run(go())
+    assert len(names) == 4 and all(name.startswith("cdface-") for name in names)
+    np.testing.assert_allclose(first, expected, atol=1e-5)
+    for rows in again:
+        np.testing.assert_allclose(rows, expected, atol=1e-5)
