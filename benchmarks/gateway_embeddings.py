@@ -4,9 +4,9 @@ One run starts the real tritonserver (wrapped SFace, Python backend + ONNX Runti
 batching) and three gateways on it (their own processes, auth and rate limits off, SQLite in a
 temporary directory): ``gateway`` (every request its own Triton call), ``gateway-merged``
 (micro-batching, ``--merge-slots`` calls in flight) and ``gateway-shm`` (crops through system shared
-memory, 8 slots); the headline figures are ``gateway``'s, the default configuration's. A closed-loop client sends requests of one
-aligned 112x112 real-face crop each through a gateway (HTTP, JSON/base64) or straight to Triton
-(async gRPC, the baseline). Each round runs, per level, every arm for a few seconds in an order
+memory, 8 slots); the headline figures are ``gateway``'s, the default configuration's. A closed-loop
+client sends requests of one aligned 112x112 real-face crop each through a gateway (HTTP,
+JSON/base64) or straight to Triton (async gRPC, the baseline). Each round runs, per level, every arm for a few seconds in an order
 rotated from round to round; ratios and overheads are taken within a round, then the median over
 rounds is quoted with the range. Targets: overhead <= 2 ms at concurrency 1 (p50 minus direct
 p50; read with ``--model tiny``, whose result file it is), throughput >= 0.95x direct at 8 and 32
@@ -218,13 +218,13 @@ def main() -> None:
                     process.terminate()
                     process.wait(timeout=20)
     levels_summary = summarise(measured["levels"])
-    details = {"levels": levels_summary, "stages_ms": measured["stages_ms"], "rounds": rounds, "seconds_per_arm": seconds,
-               "merge_slots": args.merge_slots, "arms": list(ARMS),
+    details = {"levels": levels_summary, "stages_ms": measured["stages_ms"], "rounds": rounds,
+               "seconds_per_arm": seconds, "merge_slots": args.merge_slots, "arms": list(ARMS),
                "model": ("wrapped SFace (128-d)" if args.model == "sface" else
                          "a near-free 128-d stand-in (mean colour, projected)")
                + ", Triton Python backend + ONNX Runtime, dynamic batching",
                "client": "one asyncio process: httpx to the gateways, tritonclient gRPC aio to Triton"}
-    arm = "gateway"  # the gateway as configured by default (no merging); details.levels has both
+    arm = "gateway"  # the gateway as configured by default; details.levels has every arm
     if args.model == "tiny":  # the gateway's own milliseconds show only beside a near-free model
         write_result("gateway_embeddings_tiny_overhead_c1",
                      "ms the gateway adds to an aligned-crop /v1/embeddings request at concurrency 1 (near-free model; "

@@ -24,12 +24,30 @@ from cdface.core.contract import INPUT_SIZE
 log = logging.getLogger("cdface.serving.shared_memory")
 
 
-@dataclass
+@dataclass(eq=False)
 class Slot:
+    """One call's pair of regions: the crops go in through ``input_name``, the embeddings come back in
+    ``output_name``; ``release`` hands the pair back to its pool."""
+
+    pool: "SharedMemorySlots"
     input_name: str
     output_name: str
     input_handle: Any
     output_handle: Any
+
+    def write(self, crops: np.ndarray) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        shm.set_shared_memory_region(self.input_handle, [crops])
+
+    def read(self, rows: int) -> np.ndarray:
+        import tritonclient.utils.shared_memory as shm
+
+        # A copy: the region is written again by the slot's next call.
+        return np.array(shm.get_contents_as_numpy(self.output_handle, np.float32, (rows, self.pool.dim)))
+
+    def release(self) -> None:
+        self.pool._free.append(self)
 
 
 class SharedMemorySlots:
@@ -45,7 +63,7 @@ class SharedMemorySlots:
         self._all = []
         for i in range(slots):
             names = (f"{token}-{i}-in", f"{token}-{i}-out")
-            self._all.append(Slot(names[0], names[1],
+            self._all.append(Slot(self, names[0], names[1],
                                   shm.create_shared_memory_region(names[0], f"/{names[0]}", self.input_bytes),
                                   shm.create_shared_memory_region(names[1], f"/{names[1]}", self.output_bytes)))
         self._free = list(self._all)
@@ -62,20 +80,6 @@ class SharedMemorySlots:
 
     def take(self) -> Slot | None:
         return self._free.pop() if self._free else None
-
-    def give_back(self, slot: Slot) -> None:
-        self._free.append(slot)
-
-    def write(self, slot: Slot, crops: np.ndarray) -> None:
-        import tritonclient.utils.shared_memory as shm
-
-        shm.set_shared_memory_region(slot.input_handle, [crops])
-
-    def read(self, slot: Slot, rows: int) -> np.ndarray:
-        import tritonclient.utils.shared_memory as shm
-
-        # A copy: the region is written again by the slot's next call.
-        return np.array(shm.get_contents_as_numpy(slot.output_handle, np.float32, (rows, self.dim)))
 
     async def close(self, client: Any | None) -> None:
         import tritonclient.utils.shared_memory as shm

@@ -235,8 +235,7 @@ class TritonEmbedder:
                 await asyncio.wait_for(slots.register(self._get_client()), timeout=min(left, 2.0))
             except Exception as exc:  # Triton elsewhere (no shared /dev/shm) or down: gRPC, and retry later
                 self._register_after = time.monotonic() + 30.0
-                log.warning("Triton shared memory not registered (%s): sending crops over gRPC",
-                            _short(exc) if isinstance(exc, Exception) and str(exc) else type(exc).__name__)
+                log.warning("Triton shared memory not registered (%s): sending crops over gRPC", _short(exc))
                 return None
         return slots.take()
 
@@ -285,8 +284,8 @@ class TritonEmbedder:
             tensor = InferInput(INPUT_NAME, list(batch.shape), "UINT8")
             slot = await self._shared_memory_slot(left)
             outputs = None
-            if slot is not None and self.shared_memory is not None:
-                self.shared_memory.write(slot, batch)
+            if slot is not None:
+                slot.write(batch)
                 tensor.set_shared_memory(slot.input_name, batch.nbytes)
                 output_request = InferRequestedOutput(OUTPUT_NAME)
                 output_request.set_shared_memory(slot.output_name, len(batch) * self.dim * 4)
@@ -301,14 +300,14 @@ class TritonEmbedder:
                     self._get_client().infer(self.model, [tensor], model_version=self.version, outputs=outputs,
                                              client_timeout=left),
                     timeout=left + _BACKSTOP_S)
-                output = result.as_numpy(OUTPUT_NAME) if slot is None or self.shared_memory is None \
-                    else self.shared_memory.read(slot, len(batch))
+                output = result.as_numpy(OUTPUT_NAME) if slot is None else slot.read(len(batch))
             except (InferenceServerException, asyncio.TimeoutError, OSError) as exc:
-                if slot is not None and self.shared_memory is not None and "shared memory" in str(exc).lower():
+                if slot is not None and "shared memory" in str(exc).lower():
                     # Triton restarted and forgot the regions (it answered: it is up): register them
                     # again, and retry at once.
                     self.breaker.success()
-                    self.shared_memory.registered = False
+                    slot.pool.registered = False
+                    last = f"shared memory: {_short(exc)}"
                     continue
                 status = exc.status() if isinstance(exc, InferenceServerException) else "StatusCode.DEADLINE_EXCEEDED"
                 if status not in _RETRYABLE and not _model_missing(exc):
@@ -322,8 +321,8 @@ class TritonEmbedder:
                     continue
                 break
             finally:
-                if slot is not None and self.shared_memory is not None:
-                    self.shared_memory.give_back(slot)
+                if slot is not None:
+                    slot.release()
             self.breaker.success()
             if output is None or output.shape != (len(batch), self.dim):
                 raise TritonRejected(f"the model returned {None if output is None else output.shape}, "
