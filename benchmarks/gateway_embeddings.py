@@ -12,7 +12,7 @@ rounds is quoted with the range. Targets: overhead <= 2 ms at concurrency 1 (p50
 p50; read with ``--model tiny``, whose result file it is), throughput >= 0.95x direct at 8 and 32
 (read with SFace; those two files come from the default run).
 
-    python -m benchmarks.gateway_embeddings                 # ~3 minutes
+    python -m benchmarks.gateway_embeddings                 # ~5 minutes
     python -m benchmarks.gateway_embeddings --model tiny    # a near-free model: the gateway's own ms show
 """
 
