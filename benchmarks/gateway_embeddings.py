@@ -6,7 +6,7 @@ temporary directory): ``gateway`` (every request its own Triton call), ``gateway
 (micro-batching, ``--merge-slots`` calls in flight) and ``gateway-shm`` (crops through system shared
 memory, 8 slots); the headline figures are ``gateway``'s, the default configuration's. A closed-loop
 client sends requests of one aligned 112x112 real-face crop each through a gateway (HTTP,
-JSON/base64) or straight to Triton (async gRPC, the baseline). Each round runs, per level, every arm for a few seconds in an order
+JSON/base64, aiohttp) or straight to Triton (async gRPC, the baseline). Each round runs, per level, every arm for a few seconds in an order
 rotated from round to round; ratios and overheads are taken within a round, then the median over
 rounds is quoted with the range. Targets: overhead <= 2 ms at concurrency 1 (p50 minus direct
 p50; read with ``--model tiny``, whose result file it is), throughput >= 0.95x direct at 8 and 32
@@ -84,21 +84,29 @@ ARMS = ("direct", "gateway", "gateway-merged", "gateway-shm")
 
 
 async def _measure(gateways: dict[str, str], grpc_url: str, levels: list[int], seconds: float, rounds: int) -> dict:
-    """Every round runs each level's arms back to back, in an order rotated from round to round."""
-    import httpx
+    """Every round runs each level's arms back to back, in an order rotated from round to round; at
+    concurrency 1 also the HTTP floor (``gateway``'s /healthz, with aiohttp and with httpx)."""
+    import json
+
+    import aiohttp
     import tritonclient.grpc.aio as grpcaio
     from tritonclient.grpc import InferInput
 
     arrays, encoded = _crops(64)
+    bodies = [json.dumps({"images": [{"data": e, "mode": "aligned"}]}) for e in encoded]
     direct = grpcaio.InferenceServerClient(grpc_url)
-    clients = {arm: httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=64))
+    # aiohttp, not httpx: a client that costs little (about 0.3 ms a round trip here, httpx about 1 ms),
+    # as the baseline's C-core gRPC client does, so that the difference is the gateway's.
+    clients = {arm: aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=64),
+                                          timeout=aiohttp.ClientTimeout(total=60))
                for arm, url in gateways.items()}
 
     def via_gateway(arm: str):
         async def call(i: int) -> None:
-            r = await clients[arm].post("/v1/embeddings",
-                                        json={"images": [{"data": encoded[i % 64], "mode": "aligned"}]})
-            r.raise_for_status()
+            async with clients[arm].post("/v1/embeddings", data=bodies[i % 64],
+                                         headers={"content-type": "application/json"}) as r:
+                await r.read()
+                r.raise_for_status()
         return call
 
     async def via_triton(i: int) -> None:
@@ -106,10 +114,23 @@ async def _measure(gateways: dict[str, str], grpc_url: str, levels: list[int], s
         tensor.set_data_from_numpy(arrays[i % 64: i % 64 + 1])
         await direct.infer("face", [tensor])
 
+    async def healthz(i: int) -> None:
+        async with clients["gateway"].get("/healthz") as r:
+            await r.read()
+            r.raise_for_status()
+
+    import httpx  # the client most Python users reach for, measured on /healthz only: its own cost
+
+    slow_client = httpx.AsyncClient(base_url=gateways["gateway"], timeout=60)
+
+    async def healthz_httpx(i: int) -> None:
+        (await slow_client.get("/healthz")).raise_for_status()
+
     calls = {"direct": via_triton, **{arm: via_gateway(arm) for arm in gateways}}
     for call in calls.values():  # warm-up: connections, the model's first batches
         await _drive(call, 8, 1.0)
     out: dict[int, dict[str, list[dict]]] = {c: {arm: [] for arm in calls} for c in levels}
+    floor: dict[str, list[float]] = {"aiohttp": [], "httpx": []}
     c1_totals: dict[str, dict[str, float]] = {arm: {} for arm in gateways}  # stage seconds at concurrency 1
     for r in range(rounds):
         for c in levels:
@@ -121,6 +142,9 @@ async def _measure(gateways: dict[str, str], grpc_url: str, levels: list[int], s
                     after = await _gateway_seconds(clients[arm])
                     for name, value in after.items():
                         c1_totals[arm][name] = c1_totals[arm].get(name, 0.0) + value - before.get(name, 0.0)
+            if c == 1:
+                floor["aiohttp"].append((await _drive(healthz, 1, seconds / 2))["p50_ms"])
+                floor["httpx"].append((await _drive(healthz_httpx, 1, seconds / 2))["p50_ms"])
             print(f"round {r + 1}/{rounds} concurrency {c:>2}: " + "  ".join(
                 f"{arm} {out[c][arm][-1]['throughput']:6.1f}/s p50 {out[c][arm][-1]['p50_ms']:5.1f} ms"
                 for arm in calls), flush=True)
@@ -129,9 +153,11 @@ async def _measure(gateways: dict[str, str], grpc_url: str, levels: list[int], s
                     for name, total in totals.items() if name != "request" and total > 0}
               for arm, totals in c1_totals.items()}
     for client in clients.values():
-        await client.aclose()
+        await client.close()
+    await slow_client.aclose()
     await direct.close()
-    return {"levels": out, "stages_ms": stages}
+    return {"levels": out, "stages_ms": stages,
+            "http_floor_ms": {name: _median_range(values) for name, values in floor.items()}}
 
 
 async def _gateway_seconds(client) -> dict[str, float]:
@@ -139,7 +165,9 @@ async def _gateway_seconds(client) -> dict[str, float]:
     seconds (``request_s``) and count (``request``), from its /metrics: differences around a timed run
     say where a request's time goes inside the gateway."""
     out: dict[str, float] = {}
-    for line in (await client.get("/metrics")).text.splitlines():
+    async with client.get("/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
         if line.startswith("cdface_stage_seconds_sum{"):
             out[line.split('"')[1]] = float(line.rsplit(" ", 1)[1])
         elif line.startswith("cdface_http_request_seconds_sum{") and 'route="/v1/embeddings"' in line:
@@ -218,12 +246,15 @@ def main() -> None:
                     process.terminate()
                     process.wait(timeout=20)
     levels_summary = summarise(measured["levels"])
-    details = {"levels": levels_summary, "stages_ms": measured["stages_ms"], "rounds": rounds,
+    details = {"levels": levels_summary, "stages_ms": measured["stages_ms"],
+               "http_floor_ms": measured["http_floor_ms"], "rounds": rounds,
                "seconds_per_arm": seconds, "merge_slots": args.merge_slots, "arms": list(ARMS),
                "model": ("wrapped SFace (128-d)" if args.model == "sface" else
                          "a near-free 128-d stand-in (mean colour, projected)")
                + ", Triton Python backend + ONNX Runtime, dynamic batching",
-               "client": "one asyncio process: httpx to the gateways, tritonclient gRPC aio to Triton"}
+               "client": "one asyncio process: aiohttp to the gateways, tritonclient gRPC aio to Triton; "
+                         "http_floor_ms: a round trip to the gateway's /healthz (p50, concurrency 1, median "
+                         "over rounds) with aiohttp and, for its own cost, httpx"}
     arm = "gateway"  # the gateway as configured by default; details.levels has every arm
     if args.model == "tiny":  # the gateway's own milliseconds show only beside a near-free model
         write_result("gateway_embeddings_tiny_overhead_c1",

@@ -1,6 +1,7 @@
 """From the images of a request to L2-normalised embeddings: decode, find and align the faces, embed them.
 
-Blocking work (base64, decoding, detection) runs in a worker thread; the Triton call is async. All
+Blocking work (base64, decoding, detection) runs in a worker thread, except for a request of small
+aligned crops (``inline_decode_bytes``), decoded on the event loop; the Triton call is async. All
 faces of one request go to Triton as one batch.
 
 Each mode has its pixel budget, checked from the image header before a pixel is decoded: exactly
@@ -54,6 +55,10 @@ class FoundFace:
 def _from_base64(text: str, what: str, limit: int) -> bytes:
     if len(text) > (limit * 4) // 3 + 8:
         raise ImageError("image_too_large", f"the {what} is over {limit} bytes")
+    try:  # the common case, plain padded base64, without copying the text first
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
     cleaned = "".join(text.split())
     if "," in cleaned[:64] and cleaned.startswith("data:"):
         cleaned = cleaned.split(",", 1)[1]  # a data: URL
@@ -114,7 +119,18 @@ async def find_faces(service: FaceService, images: Sequence[ImageIn], check_late
                     for crop in crops]
         return out
 
+    if _small_crops(images, settings.inline_decode_bytes):
+        return work()  # a crop or two of a few KB: decoding costs less than the worker-thread hop
     return await to_thread.run_sync(work)
+
+
+def _small_crops(images: Sequence[ImageIn], limit: int) -> bool:
+    """Whether every image is an aligned crop (its pixels bounded by the header check) and all of them
+    together are at most ``limit`` bytes (base64 text counted as its decoded size)."""
+    if not all(image.mode == "aligned" for image in images):
+        return False
+    return sum(len(image.data) * 3 // 4 if isinstance(image.data, str) else len(image.data)
+               for image in images) <= limit
 
 
 def _faces_of(service: FaceService, index: int, image: ImageIn, gate: CropGate | None) -> list[FaceCrop]:

@@ -1229,6 +1229,16 @@ def _gateway_env(docs: list[dict]) -> dict[str, dict]:
     return {e["name"]: e for e in one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]["env"]}
 
 
+def test_micro_batching_is_off_by_default_and_set_from_the_gateway_settings(helm, monkeypatch):
+    from cdface.serving.settings import Settings
+
+    assert "CDFACE_SERVE_TRITON_MERGE_SLOTS" not in _gateway_env(render(helm))
+    env = _gateway_env(render(helm, "--set", "gateway.settings.triton_merge_slots=2"))
+    assert env["CDFACE_SERVE_TRITON_MERGE_SLOTS"]["value"] == "2"
+    monkeypatch.setenv("CDFACE_SERVE_TRITON_MERGE_SLOTS", env["CDFACE_SERVE_TRITON_MERGE_SLOTS"]["value"])
+    assert Settings().triton_merge_slots == 2  # the name the chart writes is the gateway's
+
+
 def test_gateway_limits_and_json_logs_by_default(helm):
     env = _gateway_env(render(helm))
     assert env["CDFACE_SERVE_REQUEST_DEADLINE_S"]["value"] == "30"

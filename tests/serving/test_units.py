@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -61,6 +64,59 @@ def test_decode_refuses_before_decoding():
     with pytest.raises(ImageError) as info:
         decode_image(b"", max_bytes=1024, max_pixels=10)
     assert info.value.code == "empty_image"
+
+
+def test_base64_images_decode_in_every_common_form():
+    from cdface.serving.usecases.images import _from_base64
+
+    data = bytes(range(256)) * 3
+    plain = base64.b64encode(data).decode()
+    wrapped = "\r\n".join(plain[i:i + 76] for i in range(0, len(plain), 76))  # MIME line wrapping
+    for text in (plain, plain.rstrip("="), wrapped, f"  {plain}\n", "data:image/png;base64," + plain):
+        assert _from_base64(text, "image 0", 10_000) == data
+    with pytest.raises(ImageError) as info:
+        _from_base64("!!!not*base64***", "image 0", 10_000)
+    assert info.value.code == "invalid_base64"
+    with pytest.raises(ImageError) as info:
+        _from_base64(plain, "image 0", 100)
+    assert info.value.code == "image_too_large"
+
+
+def test_small_aligned_requests_decode_on_the_event_loop_and_the_rest_in_a_worker_thread(monkeypatch):
+    """One or two aligned crops are decoded where the request runs (a thread hop costs more than the
+    decoding); a photo, or crops over ``inline_decode_bytes`` in all, in a worker thread."""
+    from cdface.core.imaging import encode_png
+    from cdface.serving.usecases import images
+
+    decoded_on: list[int] = []
+    real = images.decode_image
+
+    def spying(*args, **kwargs):
+        decoded_on.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(images, "decode_image", spying)
+    crop = base64.b64encode(encode_png(np.full((112, 112, 3), 128, np.uint8))).decode()
+    photo = base64.b64encode(encode_png(np.full((160, 200, 3), 128, np.uint8))).decode()
+
+    def threads(limit: int, *specs: tuple[str, str]) -> set[bool]:
+        service = SimpleNamespace(settings=Settings(min_crop_face_score=0, inline_decode_bytes=limit), detector=None)
+        decoded_on.clear()
+
+        async def run() -> int:
+            landmarks = [[60.0, 70.0], [120.0, 70.0], [90.0, 95.0], [70.0, 120.0], [110.0, 120.0]]
+            await images.find_faces(service, [images.ImageIn(data, mode, landmarks if mode == "landmarks" else None)
+                                              for data, mode in specs])
+            return threading.get_ident()
+
+        loop_thread = asyncio.run(run())
+        return {thread == loop_thread for thread in decoded_on}
+
+    assert threads(64 * 1024, (crop, "aligned")) == {True}
+    assert threads(64 * 1024, (crop, "aligned"), (crop, "aligned")) == {True}
+    assert threads(len(crop) // 2, (crop, "aligned")) == {False}  # over the limit
+    assert threads(0, (crop, "aligned")) == {False}  # turned off
+    assert threads(64 * 1024, (crop, "aligned"), (photo, "landmarks")) == {False}  # not only crops
 
 
 def test_settings_from_environment_with_secrets_masked(monkeypatch):
