@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import os
 import subprocess
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -79,8 +81,6 @@ async def _drive(call, concurrency: int, seconds: float) -> dict:
     return {"requests": len(latencies), "throughput": len(latencies) / wall, "p50_ms": float(np.percentile(lat, 50)),
             "p99_ms": float(np.percentile(lat, 99))}
 
-
-ARMS = ("direct", "gateway", "gateway-merged", "gateway-shm")
 
 
 async def _measure(gateways: dict[str, str], grpc_url: str, levels: list[int], seconds: float, rounds: int) -> dict:
@@ -209,7 +209,12 @@ def main() -> None:
                              "preprocessing (benchmarks.gateway_overhead's), so the gateway's own milliseconds show")
     parser.add_argument("--merge-slots", type=int, default=2,
                         help="CDFACE_SERVE_TRITON_MERGE_SLOTS of the gateway-merged arm")
+    parser.add_argument("--triton-delay-ms", type=float, default=0.0,
+                        help="Triton across a network: every arm reaches it through a relay that delays each chunk "
+                             "this long each way (benchmarks.latency_relay); no shared-memory arm then")
     args = parser.parse_args()
+    if args.triton_delay_ms < 0:
+        parser.error("--triton-delay-ms must be >= 0")
     seconds, rounds = (2.0, 3) if args.quick else (4.0, 5)
     levels = [1, 8, 32]
 
@@ -230,16 +235,19 @@ def main() -> None:
                   channel_order="RGB", mean=0.0, std=1.0, licence=licence)
         add_model_version(tmp / "repo", "face", tmp / "model", backend="python", max_batch_size=32,
                           preferred=[8, 32], queue_delay_us=2_000)
-        with TritonServer(tmp / "repo", log_path=tmp / "triton.log") as server:
+        with TritonServer(tmp / "repo", log_path=tmp / "triton.log") as server, \
+                _reached_through(server.grpc_url, args.triton_delay_ms) as triton_url:
             settings = {"gateway": {"CDFACE_SERVE_TRITON_MERGE_SLOTS": "0"},
                         "gateway-merged": {"CDFACE_SERVE_TRITON_MERGE_SLOTS": str(args.merge_slots)},
                         "gateway-shm": {"CDFACE_SERVE_TRITON_SHARED_MEMORY_SLOTS": "8"}}
+            if args.triton_delay_ms:
+                del settings["gateway-shm"]  # shared memory needs Triton on the same host
             # one client address sends far more than the default rate limit (600/minute) allows
-            gateways = {arm: start_gateway(sys.executable, REPO, tmp, arm, server.grpc_url, tmp / "repo",
+            gateways = {arm: start_gateway(sys.executable, REPO, tmp, arm, triton_url, tmp / "repo",
                                            {"CDFACE_SERVE_RATE_LIMIT": "none", **env})
                         for arm, env in settings.items()}
             try:
-                measured = asyncio.run(_measure({arm: url for arm, (_, url) in gateways.items()}, server.grpc_url,
+                measured = asyncio.run(_measure({arm: url for arm, (_, url) in gateways.items()}, triton_url,
                                            levels, seconds, rounds))
             finally:
                 for process, _ in gateways.values():
@@ -248,13 +256,23 @@ def main() -> None:
     levels_summary = summarise(measured["levels"])
     details = {"levels": levels_summary, "stages_ms": measured["stages_ms"],
                "http_floor_ms": measured["http_floor_ms"], "rounds": rounds,
-               "seconds_per_arm": seconds, "merge_slots": args.merge_slots, "arms": list(ARMS),
+               "seconds_per_arm": seconds, "merge_slots": args.merge_slots,
+               "arms": ["direct", *settings], "triton_delay_ms_each_way": args.triton_delay_ms,
                "model": ("wrapped SFace (128-d)" if args.model == "sface" else
                          "a near-free 128-d stand-in (mean colour, projected)")
                + ", Triton Python backend + ONNX Runtime, dynamic batching",
                "client": "one asyncio process: aiohttp to the gateways, tritonclient gRPC aio to Triton; "
                          "http_floor_ms: a round trip to the gateway's /healthz (p50, concurrency 1, median "
                          "over rounds) with aiohttp and, for its own cost, httpx"}
+    if args.triton_delay_ms:  # does merging pay off when every call crosses a network?
+        write_result("gateway_embeddings_remote_triton_c32",
+                     f"aligned-crop requests/s through the merging gateway (gateway-merged, {args.merge_slots} calls in "
+                     f"flight) / the plain gateway at concurrency 32, Triton {args.triton_delay_ms:g} ms away each way "
+                     "(a delaying relay); median over rounds (details.levels: both vs direct Triton, every level)",
+                     _median_range([m["throughput"] / p["throughput"] for m, p in
+                                    zip(measured["levels"][32]["gateway-merged"], measured["levels"][32]["gateway"])]
+                                   )["median"], None, "reported", details)
+        return
     arm = "gateway"  # the gateway as configured by default; details.levels has every arm
     if args.model == "tiny":  # the gateway's own milliseconds show only beside a near-free model
         write_result("gateway_embeddings_tiny_overhead_c1",
@@ -268,6 +286,24 @@ def main() -> None:
                      f"aligned-crop requests/s through the gateway ({arm}) / direct Triton gRPC at concurrency {c}, "
                      f"same round; median over rounds (details.levels: both gateways, every level, the range)",
                      ratio["median"], None, "value >= 0.95", details)
+
+@contextlib.contextmanager
+def _reached_through(grpc_url: str, delay_ms: float) -> Iterator[str]:
+    """``grpc_url`` itself, or (``delay_ms`` > 0) the address of a relay to it that delays every chunk."""
+    if not delay_ms:
+        yield grpc_url
+        return
+    from cdface.devtools.triton_local import free_port
+
+    listen = f"127.0.0.1:{free_port()}"
+    relay = subprocess.Popen([sys.executable, "-m", "benchmarks.latency_relay", "--listen", listen, "--to", grpc_url,
+                              "--delay-ms", str(delay_ms)], cwd=REPO)
+    try:
+        yield listen
+    finally:
+        relay.terminate()
+        relay.wait(timeout=20)
+
 
 def start_gateway(python: str, cwd: Path, tmp: Path, name: str, triton_grpc: str, repo: Path,
                    extra: dict[str, str]) -> tuple[subprocess.Popen, str]:
