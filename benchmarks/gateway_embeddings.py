@@ -6,14 +6,19 @@ temporary directory): ``gateway`` (every request its own Triton call), ``gateway
 (micro-batching, ``--merge-slots`` calls in flight) and ``gateway-shm`` (crops through system shared
 memory, 8 slots); the headline figures are ``gateway``'s, the default configuration's. A closed-loop
 client sends requests of one aligned 112x112 real-face crop each through a gateway (HTTP,
-JSON/base64, aiohttp) or straight to Triton (async gRPC, the baseline). Each round runs, per level, every arm for a few seconds in an order
-rotated from round to round; ratios and overheads are taken within a round, then the median over
-rounds is quoted with the range. Targets: overhead <= 2 ms at concurrency 1 (p50 minus direct
-p50; read with ``--model tiny``, whose result file it is), throughput >= 0.95x direct at 8 and 32
-(read with SFace; those two files come from the default run).
+JSON/base64, aiohttp) or straight to Triton (async gRPC, the baseline). Each round runs, per level,
+every arm for a few seconds in an order rotated from round to round; ratios and overheads are taken
+within a round, then the median over rounds is quoted with the range. Targets: overhead <= 2 ms at
+concurrency 1 (p50 minus direct p50; read with ``--model tiny``, whose result file it is), throughput
+>= 0.95x direct at 8 and 32 (read with SFace; those two files come from the default run).
+
+With ``--triton-delay-ms D`` every arm reaches Triton through ``benchmarks.latency_relay`` (each chunk
+held D ms each way), there is no shared-memory arm, and the result is merging's gain over the plain
+gateway at concurrency 32 with Triton across a network.
 
     python -m benchmarks.gateway_embeddings                 # ~5 minutes
     python -m benchmarks.gateway_embeddings --model tiny    # a near-free model: the gateway's own ms show
+    python -m benchmarks.gateway_embeddings --triton-delay-ms 1
 """
 
 from __future__ import annotations
