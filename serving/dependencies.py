@@ -135,7 +135,8 @@ def json_or_form(model: type[R], from_form: FormReader) -> Any:
 
 def image_in(spec: s.ImageInput, data: bytes | str | None = None) -> ImageIn:
     """A request's image as the use cases take it (``data``: the file's bytes; default: the spec's base64)."""
-    return ImageIn(spec.data if data is None else data, spec.mode, spec.landmarks, spec.min_face_size, spec.min_score)
+    return ImageIn(spec.data if data is None else data, spec.mode, spec.format, spec.landmarks, spec.min_face_size,
+                   spec.min_score)
 
 
 def _malformed_multipart(why: str) -> InvalidRequest:
@@ -186,7 +187,7 @@ def _copy_fields(form: FormData, raw: dict[str, Any], keys: tuple[str, ...]) -> 
 def _image_spec(form: FormData) -> dict[str, Any]:
     """The fields that say how to find the face, shared by every image of a form."""
     spec: dict[str, Any] = {"data": MULTIPART_PLACEHOLDER}
-    for key in ("mode", "min_face_size", "min_score"):
+    for key in ("mode", "format", "min_face_size", "min_score"):
         if form.get(key) is not None:
             spec[key] = form.get(key)
     if form.get("landmarks") is not None:

@@ -22,6 +22,8 @@ REQUEST_MODELS: tuple[type[BaseModel], ...] = (s.DetectRequest, s.EmbeddingsRequ
 def _face_spec_doc() -> dict[str, Any]:
     return {
         "mode": {"type": "string", "enum": ["aligned", "landmarks", "detect", "detect_all"], "default": "detect"},
+        "format": {"type": "string", "enum": ["file", "rgb24"], "default": "file",
+                   "description": "rgb24: each file is an aligned crop's raw pixels (112x112x3 bytes, RGB)."},
         "landmarks": {"type": "string", "description": "JSON: five [x, y] pairs (mode 'landmarks')."},
         "min_face_size": {"type": "number", "minimum": 0},
         "min_score": {"type": "number", "minimum": 0, "maximum": 1},

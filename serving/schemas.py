@@ -16,11 +16,17 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+ImageFormat = Literal["file", "rgb24"]
+
+
 class ImageInput(_In):
-    """One image, base64-encoded (JPEG, PNG or WebP), and how to find the face in it."""
+    """One image, base64-encoded (JPEG, PNG or WebP, or an aligned crop's raw pixels), and how to find the face."""
 
     data: str = Field(description="The image file, base64 (standard alphabet, padding optional).",
                       min_length=1, examples=[_EXAMPLE_B64])
+    format: ImageFormat = Field("file", description="file: a JPEG, PNG or WebP file; rgb24: an aligned crop's raw "
+                                "pixels, 112 rows of 112 pixels of 3 bytes (R, G, B), 37,632 bytes (mode 'aligned' "
+                                "only): nothing to decode, as Triton itself takes them.")
     mode: FaceMode = Field("detect", description="aligned: a 112x112 aligned crop; landmarks: use the five given "
                            "landmarks; detect: the largest detected face; detect_all: every detected face.")
     landmarks: list[list[float]] | None = Field(
@@ -29,6 +35,12 @@ class ImageInput(_In):
     min_face_size: float = Field(0.0, ge=0, le=100_000,
                                  description="Detected faces smaller than this (pixels) are ignored.")
     min_score: float = Field(0.0, ge=0, le=1, description="Detected faces with a lower detector score are ignored.")
+
+    @model_validator(mode="after")
+    def _pixels_are_a_crop(self) -> ImageInput:
+        if self.format == "rgb24" and self.mode != "aligned":
+            raise ValueError("format 'rgb24' is an aligned crop's pixels: use it with mode 'aligned'")
+        return self
 
 
 class ModelInfo(BaseModel):

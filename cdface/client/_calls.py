@@ -30,6 +30,9 @@ class FaceImage:
 
     data: bytes | str | os.PathLike[str]  # the file's bytes, or its path
     mode: FaceMode = "detect"
+    # "rgb24": ``data`` is an aligned crop's raw pixels (112 x 112 x 3 bytes, RGB; ``crop.tobytes()`` of a
+    # uint8 numpy array), sent with mode "aligned": nothing to encode here or decode there.
+    format: Literal["file", "rgb24"] = "file"
     landmarks: Sequence[Sequence[float]] | None = None  # five [x, y] points, for mode "landmarks"
     min_face_size: float = 0.0
     min_score: float = 0.0
@@ -55,6 +58,8 @@ def _image_json(image: ImageSource, mode: FaceMode | None) -> dict[str, Any]:
     spec = image if isinstance(image, FaceImage) else FaceImage(image)
     raw = spec.data if isinstance(spec.data, bytes) else Path(spec.data).read_bytes()
     body: dict[str, Any] = {"data": base64.b64encode(raw).decode("ascii"), "mode": mode or spec.mode}
+    if spec.format != "file":
+        body["format"] = spec.format
     if spec.landmarks is not None:
         body["landmarks"] = [[float(x), float(y)] for x, y in spec.landmarks]
     if spec.min_face_size:

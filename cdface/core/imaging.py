@@ -79,6 +79,15 @@ def decode_image(data: bytes, *, max_bytes: int | None = None, max_pixels: int |
             raise ImageError("corrupt_image", f"the {what} is truncated or corrupt ({_short(exc)})") from None
 
 
+def crop_from_pixels(data: bytes, what: str = "image") -> np.ndarray:
+    """An aligned crop from its raw pixels: INPUT_SIZE rows of INPUT_SIZE pixels of 3 bytes (R, G, B)."""
+    expected = INPUT_SIZE * INPUT_SIZE * 3
+    if len(data) != expected:
+        raise ImageError("not_aligned_crop", f"the {what} is {len(data)} bytes of pixels; an aligned {INPUT_SIZE}x"
+                         f"{INPUT_SIZE} RGB crop is {expected}")
+    return np.frombuffer(data, np.uint8).reshape(INPUT_SIZE, INPUT_SIZE, 3).copy()
+
+
 def read_image(path: str | os.PathLike, *, size: int | None = None) -> np.ndarray:
     """``decode_image`` of a file; a missing or unreadable file is an ``ImageError`` naming it."""
     try:

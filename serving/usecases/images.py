@@ -22,7 +22,7 @@ import numpy as np
 from anyio import to_thread
 
 from cdface.core.contract import INPUT_SIZE
-from cdface.core.imaging import ImageError, decode_image
+from cdface.core.imaging import ImageError, crop_from_pixels, decode_image
 from cdface.serving.errors import InvalidRequest
 from cdface.serving.faces import CropGate, FaceCrop, FaceMode, check_timed, extract_timed
 from cdface.serving.metrics import stage
@@ -39,6 +39,7 @@ class ImageIn:
 
     data: bytes | str  # the file's bytes, or base64 text (JSON bodies)
     mode: FaceMode = "detect"
+    format: str = "file"  # "rgb24": an aligned crop's raw pixels (ImageInput.format)
     landmarks: list[list[float]] | None = None
     min_face_size: float = 0.0
     min_score: float = 0.0
@@ -138,8 +139,11 @@ def _faces_of(service: FaceService, index: int, image: ImageIn, gate: CropGate |
     settings, what = service.settings, f"image {index}"
     with stage("decode"):
         data = _from_base64(image.data, what, settings.max_image_bytes) if isinstance(image.data, str) else image.data
-        rgb = decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=pixel_budget(settings, image.mode),
-                           what=what, aligned=image.mode == "aligned")
+        if image.format == "rgb24":
+            rgb = crop_from_pixels(data, what)
+        else:
+            rgb = decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=pixel_budget(settings, image.mode),
+                               what=what, aligned=image.mode == "aligned")
     try:
         return extract_timed(rgb, image.mode, detector=service.detector, landmarks=image.landmarks,
                              max_faces=settings.max_faces_per_image, min_face_size=image.min_face_size,

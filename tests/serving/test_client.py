@@ -78,6 +78,12 @@ def test_every_route_through_the_sync_client(gateway, photos):
         crop = Image.open(io.BytesIO(client.get_face_crop(obama.id, faces[0].id)))
         assert crop.size == (112, 112)
 
+        # an aligned crop as its file and as its raw pixels (a numpy array's bytes): the same embedding
+        aligned = np.asarray(Image.open(photos["tom_hanks_aligned"]).convert("RGB"))
+        as_file = client.embed(FaceImage(photos["tom_hanks_aligned"], mode="aligned")).faces[0].embedding
+        as_pixels = client.embed(FaceImage(aligned.tobytes(), mode="aligned", format="rgb24")).faces[0].embedding
+        assert np.allclose(as_file, as_pixels, atol=1e-6)
+
         # recognition
         vectors = client.embed([photos["obama2"], photos["biden"]])
         assert len(vectors.faces) == 2 and vectors.model.name == "sface"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from .conftest import b64
 
@@ -93,6 +94,20 @@ def test_aligned_crop_mode_and_identity_crud(gateway, photos, enrolled):
     with gateway.client("admin") as c:
         r = c.post("/v1/embeddings", json={"images": [{"data": b64(photos["tom_hanks_aligned"]), "mode": "aligned"}]})
         assert r.status_code == 200 and r.json()["faces"][0]["box"] is None
+        # the same crop as its raw pixels (format rgb24), in JSON and as a file part: the same embedding
+        pixels = np.asarray(Image.open(photos["tom_hanks_aligned"]).convert("RGB")).tobytes()
+        raw = c.post("/v1/embeddings", json={"images": [{"data": b64(pixels), "mode": "aligned", "format": "rgb24"}]})
+        form = c.post("/v1/embeddings", files={"images": ("crop.rgb", pixels)},
+                      data={"mode": "aligned", "format": "rgb24"})
+        for answer in (raw, form):
+            assert answer.status_code == 200, answer.text
+            assert np.allclose(answer.json()["faces"][0]["embedding"], r.json()["faces"][0]["embedding"], atol=1e-6)
+        short = c.post("/v1/embeddings", json={"images": [{"data": b64(pixels[:-3]), "mode": "aligned",
+                                                           "format": "rgb24"}]})
+        assert short.status_code == 422 and short.json()["error"]["code"] == "not_aligned_crop"
+        assert "37632" in short.json()["error"]["message"]
+        photo = c.post("/v1/embeddings", json={"images": [{"data": b64(pixels), "format": "rgb24"}]})  # mode detect
+        assert photo.status_code == 422 and photo.json()["error"]["code"] == "invalid_request"
         r = c.patch(f"/v1/identities/{enrolled['biden']}", json={"metadata": {"role": "vp"}})
         assert r.status_code == 200 and r.json()["metadata"] == {"role": "vp"} and r.json()["name"] == "Joe Biden"
         got = c.get(f"/v1/identities/{enrolled['obama']}").json()

@@ -105,7 +105,7 @@ def test_small_aligned_requests_decode_on_the_event_loop_and_the_rest_in_a_worke
 
         async def run() -> int:
             landmarks = [[60.0, 70.0], [120.0, 70.0], [90.0, 95.0], [70.0, 120.0], [110.0, 120.0]]
-            await images.find_faces(service, [images.ImageIn(data, mode, landmarks if mode == "landmarks" else None)
+            await images.find_faces(service, [images.ImageIn(data, mode, landmarks=landmarks if mode == "landmarks" else None)
                                               for data, mode in specs])
             return threading.get_ident()
 
