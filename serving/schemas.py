@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cdface.core.imaging import ImageFormat
 from cdface.serving.faces import FaceMode
 
 _EXAMPLE_B64 = "/9j/4AAQSkZJRgABAQAAAQABAAD..."
@@ -14,9 +15,6 @@ _EXAMPLE_B64 = "/9j/4AAQSkZJRgABAQAAAQABAAD..."
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-ImageFormat = Literal["file", "rgb24"]
 
 
 class ImageInput(_In):

@@ -16,6 +16,7 @@ import io
 import os
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -77,6 +78,10 @@ def decode_image(data: bytes, *, max_bytes: int | None = None, max_pixels: int |
             raise ImageError("image_too_many_pixels", f"the {what} declares too many pixels") from None
         except (OSError, SyntaxError, ValueError, TypeError, MemoryError, EOFError) as exc:
             raise ImageError("corrupt_image", f"the {what} is truncated or corrupt ({_short(exc)})") from None
+
+
+ImageFormat = Literal["file", "rgb24"]
+"""How an image's bytes are given: a JPEG, PNG or WebP file, or an aligned crop's raw pixels (``crop_from_pixels``)."""
 
 
 def crop_from_pixels(data: bytes, what: str = "image") -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 from anyio import to_thread
 
 from cdface.core.contract import INPUT_SIZE
-from cdface.core.imaging import ImageError, crop_from_pixels, decode_image
+from cdface.core.imaging import ImageError, ImageFormat, crop_from_pixels, decode_image
 from cdface.serving.errors import InvalidRequest
 from cdface.serving.faces import CropGate, FaceCrop, FaceMode, check_timed, extract_timed
 from cdface.serving.metrics import stage
@@ -39,7 +39,7 @@ class ImageIn:
 
     data: bytes | str  # the file's bytes, or base64 text (JSON bodies)
     mode: FaceMode = "detect"
-    format: str = "file"  # "rgb24": an aligned crop's raw pixels (ImageInput.format)
+    format: ImageFormat = "file"
     landmarks: list[list[float]] | None = None
     min_face_size: float = 0.0
     min_score: float = 0.0
