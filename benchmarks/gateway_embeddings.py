@@ -99,6 +99,7 @@ async def _measure(gateways: dict[str, str], grpc_url: str, levels: list[int], s
     import json
 
     import aiohttp
+    import httpx
     import tritonclient.grpc.aio as grpcaio
     from tritonclient.grpc import InferInput
 
@@ -107,8 +108,8 @@ async def _measure(gateways: dict[str, str], grpc_url: str, levels: list[int], s
               "rgb24": [json.dumps({"images": [{"data": base64.b64encode(a.tobytes()).decode(), "mode": "aligned",
                                                 "format": "rgb24"}]}) for a in arrays]}
     direct = grpcaio.InferenceServerClient(grpc_url)
-    # aiohttp, not httpx: a client that costs little (about 0.3 ms a round trip here, httpx about 1 ms),
-    # as the baseline's C-core gRPC client does, so that the difference is the gateway's.
+    # aiohttp, not httpx: a client that costs little, as the baseline's C-core gRPC client does, so that the
+    # difference is the gateway's (details.http_floor_ms: both clients' round trips).
     sessions = {name: aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=64),
                                             timeout=aiohttp.ClientTimeout(total=60))
                 for name, url in gateways.items()}
@@ -137,8 +138,7 @@ async def _measure(gateways: dict[str, str], grpc_url: str, levels: list[int], s
             await r.read()
             r.raise_for_status()
 
-    import httpx  # the client most Python users reach for, measured on /healthz only: its own cost
-
+    # httpx, the client most Python users reach for, only on /healthz: its own cost
     slow_client = httpx.AsyncClient(base_url=gateways["gateway"], timeout=60)
 
     async def healthz_httpx(i: int) -> None:
