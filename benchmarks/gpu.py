@@ -71,7 +71,7 @@ def part_training(args: argparse.Namespace) -> dict:
     if args.results_dir.resolve() != RESULTS_DIR.resolve():  # a device run brings back only its results folder
         for name in (f"train_rrb_overhead_{tag}.json", f"train_throughput_{tag}.json"):
             shutil.copy2(RESULTS_DIR / name, args.results_dir / name)
-    return {"command": " ".join(command[1:]).replace(sys.executable, "python"), "wall_s": time.monotonic() - started,
+    return {"command": " ".join(["python", *command[1:]]), "wall_s": time.monotonic() - started,
             "printed": done.stdout.strip().splitlines()[-1:]}
 
 
