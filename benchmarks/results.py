@@ -36,13 +36,15 @@ def machine() -> dict:
 
 
 def git_commit() -> str:
+    sent = os.environ.get("CDFACE_BENCH_COMMIT")
+    if sent:  # a copy of the tree run elsewhere (a lent GPU machine) may carry a stale .git, or none
+        return sent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parent)
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        # A copy of the tree without its .git (a lent GPU machine) is told its commit by whoever sent it.
-        return os.environ.get("CDFACE_BENCH_COMMIT", "unknown")
+        return "unknown"
 
 
 def invocation() -> str:

@@ -1,12 +1,14 @@
 """Training step cost: ERB only vs ERB + RRB (interval 5), and training images/s.
 
 Two trainers with the same backbone, batch and initial weights take turns: five plain steps
-(pretrain stage: ArcFace only), then five joint steps (the fifth runs the refined branch: soft
-mining, loading the mined images, the closeness and diversity losses). The ratio of the two
-blocks' median times (over ``--rounds``, 6 by default) is the method's overhead; target <= 1.25. The
-mined images get their own forward pass (``method.separate_pass``, the default); ``--shared-pass`` puts
-them into the batch's. Batches are decoded once up front,
-so the figure measures the step, not JPEG decoding; the RRB's own image loading is included.
+(pretrain stage: ArcFace only), then five joint steps (the fifth runs the refined branch: the mined
+images' pass, the closeness and diversity losses). As in ``Trainer.fit``, each step is told the next
+batch's labels, so the fifth step's soft mining and the decoding of its images run in the background
+during the fourth; what they still cost the steps (CPU time, the GIL) is in the figure. The ratio of
+the two blocks' median times (over ``--rounds``, 6 by default) is the method's overhead; target <= 1.25.
+The mined images get their own forward pass (``method.separate_pass``, the default); ``--shared-pass``
+puts them into the batch's. Batches are decoded once up front, so the figure measures the step, not the
+loader's JPEG decoding.
 
 The reference setting has K*(NE+NH) = 64*8 = 512 mined images every 5 steps for a batch of 512;
 this harness keeps that proportion (K = batch/8).
@@ -50,11 +52,14 @@ def make_trainer(stage: str, backbone: str, width: float, batch: int, data: Path
 
 
 def timed_block(trainer: Trainer, batches: list) -> float:
+    """The batches as consecutive steps, each told the next batch's labels as ``fit`` tells it: a step
+    before a mining one starts that mining (and the decoding of its images) in the background."""
     sync = torch.cuda.synchronize if trainer.env.device.type == "cuda" else (lambda: None)
+    following = [labels for _, labels, _ in batches[1:]] + [None]
     sync()
     start = time.perf_counter()
-    for images, labels, indices in batches:
-        trainer.train_step(images, labels, indices)
+    for (images, labels, indices), next_labels in zip(batches, following):
+        trainer.train_step(images, labels, indices, next_labels=next_labels)
     sync()
     return time.perf_counter() - start
 
@@ -68,11 +73,13 @@ def bench_backbone(backbone: str, args, data: Path, work: Path) -> dict:
     erb.model.train()
     joint.model.train()
     timed_block(erb, batches[:1])  # warm-up (allocator, kernels)
-    joint.step = 1
-    timed_block(joint, batches[:1])
+    joint.step = INTERVAL - 1
+    timed_block(joint, batches[-2:])  # a mining step among them
     erb_times, joint_times = [], []
     for _ in range(args.rounds):
-        joint.step = 0  # the block's first step runs the refined branch: exactly one RRB per 5 steps
+        # Steps 1..5: the last one runs the refined branch, exactly one RRB per 5 steps, its samples mined
+        # during step 4 as in training.
+        joint.step = 1
         erb_times.append(timed_block(erb, batches))
         joint_times.append(timed_block(joint, batches))
     erb_s, joint_s = statistics.median(erb_times), statistics.median(joint_times)
