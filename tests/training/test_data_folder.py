@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from cdface.core.errors import CdfaceError
+from cdface.core.imaging import decode_image as decode_image_bytes
 from cdface.training.data.dataset import FolderDataset, open_dataset
+from cdface.training.data.folder import _jpeg_components, decode_image
 from cdface.training.data.synthetic import encode_jpeg
 
 
@@ -50,3 +55,46 @@ def test_corrupt_image_is_reported_when_read(tmp_path):
         dataset[(1, False)]
     with pytest.raises(CdfaceError, match=f"cannot decode image {broken}"):
         dataset.load_images([0, 1], workers=2)
+
+
+def _jpeg(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+def test_the_training_decoder_gives_the_core_decoders_pixels(face_photos):
+    """Training decodes 112-pixel JPEGs with OpenCV (the GIL stays free for the training step) and
+    everything else with the core decoder serving uses: the two must agree bit for bit, or a model
+    would train on other pixels than it is served."""
+    photo = Image.open(face_photos["obama"]).convert("RGB")
+    crop = photo.crop((0, 0, min(photo.size), min(photo.size))).resize((112, 112))
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    turned = Image.fromarray(np.arange(112 * 112 * 3, dtype=np.uint8).reshape(112, 112, 3))
+    exif = turned.getexif()
+    exif[0x0112] = 6  # orientation: rotated 90 degrees; both decoders must turn it upright
+    cases = {
+        "photo 4:2:0": _jpeg(crop),
+        "photo 4:4:4": _jpeg(crop, subsampling=0),
+        "noise": _jpeg(noise),
+        "greyscale": _jpeg(crop.convert("L")),
+        "cmyk": _jpeg(crop.convert("CMYK")),
+        "exif orientation": _jpeg(turned, exif=exif),
+        "larger, resized": _jpeg(photo),
+        "png": _png(crop),
+    }
+    # The fast path is taken where it should be (else the equality below would hold trivially).
+    assert {name for name, data in cases.items() if _jpeg_components(data) in (1, 3)} == {
+        "photo 4:2:0", "photo 4:4:4", "noise", "greyscale", "exif orientation", "larger, resized"}
+    for name, data in cases.items():
+        expected = decode_image_bytes(data, size=112)
+        got = decode_image(data, name)
+        assert got.shape == (112, 112, 3) and got.dtype == np.uint8, name
+        assert np.array_equal(got, expected), f"{name}: differs by up to {np.abs(got.astype(int) - expected).max()}"
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

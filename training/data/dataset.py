@@ -69,7 +69,7 @@ class FaceDataset(Dataset):
     ) -> torch.Tensor:
         """uint8 [N, 112, 112, 3] for the given samples, decoded on a thread pool.
 
-        Used for the refined branch's mined samples; Pillow releases the GIL while decoding.
+        Used for the refined branch's mined samples; ``decode_image`` releases the GIL while decoding.
         """
         indices = [int(i) for i in _as_list(indices)]
         flips = [False] * len(indices) if flips is None else [bool(f) for f in _as_list(flips)]
