@@ -21,14 +21,19 @@ never silently dropped.
     python -m benchmarks.gpu                      # on a GPU machine with `pip install -e .[train,export]`
     python -m benchmarks.gpu --quick --device cpu --parts inference search   # the harness alone (a test runs it)
 
-The lent H200 machines reach no network; their image holds torch with CUDA, onnx, onnxruntime (CPU)
-and most of what training needs, but not pydantic, pydantic-settings or onnxslim. Download those
-wheels here (pydantic pydantic-core annotated-types typing-inspection pydantic-settings python-dotenv
-onnxslim, for cp312 manylinux x86-64) into an ignored ``.whl/`` that the run carries, then:
+The lent H200 machines reach no network; their image holds torch with CUDA, onnx, onnxruntime (CPU
+providers only) and most of what training needs, but not pydantic, pydantic-settings, onnxslim or
+cryptography. Download those wheels here (pydantic pydantic-core annotated-types typing-inspection
+typing-extensions pydantic-settings python-dotenv onnxslim cryptography cffi pycparser, for cp312
+manylinux x86-64) with cdface's own (``pip wheel --no-deps .``) into an ignored ``.whl/`` that the run
+carries, then:
 
     pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
-    pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . && \
-    PYTHONPATH=/tmp/site python3 -m benchmarks.gpu --results-dir $OUT
+    CDFACE_BENCH_COMMIT=<commit> PYTHONPATH=/tmp/site:$PWD PYTHONSAFEPATH=1 python3 -m benchmarks.gpu
+
+(``PYTHONSAFEPATH``: the source tree's ``cdface/`` must not shadow the installed package, whose
+``cdface.training`` lives in ``training/`` here; the machine's copy of ``.git`` may be stale, hence the
+commit named.) The results land in ``benchmarks/results/``: copy them to ``$OUT``.
 """
 
 from __future__ import annotations

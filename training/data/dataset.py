@@ -56,7 +56,7 @@ class FaceDataset(Dataset):
         image = decode_image(self._read_bytes(index), self._describe(index))
         if flip:
             return np.ascontiguousarray(image[:, ::-1])
-        # Pillow hands out read-only buffers; torch wants to own a writable one.
+        # The core decoder (Pillow) hands out read-only buffers; torch wants to own a writable one.
         return image if image.flags.writeable else image.copy()
 
     def __getitem__(self, item: tuple[int, bool] | int) -> tuple[torch.Tensor, int, int]:
