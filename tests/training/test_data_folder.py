@@ -85,7 +85,7 @@ def test_the_training_decoder_gives_the_core_decoders_pixels(face_photos):
         "png": _png(crop),
     }
     # The fast path is taken where it should be (else the equality below would hold trivially).
-    assert {name for name, data in cases.items() if _jpeg_components(data) in (1, 3)} == {
+    assert {name for name, data in cases.items() if _jpeg_components(data) in (1, 3) and data.endswith(b"\xff\xd9")} == {
         "photo 4:2:0", "photo 4:4:4", "noise", "greyscale", "exif orientation", "larger, resized"}
     for name, data in cases.items():
         expected = decode_image_bytes(data, size=112)
@@ -98,3 +98,18 @@ def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_a_jpeg_cut_short_is_an_error_or_the_core_decoders_pixels_never_made_up_ones():
+    rng = np.random.default_rng(1)
+    whole = _jpeg(Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)))
+    with pytest.raises(CdfaceError, match="cannot decode image record 7"):
+        decode_image(whole[: len(whole) // 2], "record 7")
+    cut = whole[:-2]  # every scan present, the end marker gone
+    try:
+        expected = decode_image_bytes(cut, size=112)
+    except Exception:
+        with pytest.raises(CdfaceError):
+            decode_image(cut, "record 7")
+    else:
+        assert np.array_equal(decode_image(cut, "record 7"), expected)

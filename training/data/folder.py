@@ -48,7 +48,8 @@ def decode_image(data: bytes, source: str, size: int = INPUT_SIZE) -> np.ndarray
 
     ``source`` names the image in the error message (a path, a record key, a .bin index).
     """
-    if _jpeg_components(data) in (1, 3):
+    # A file cut short lacks its end marker: the core decoder reports it, where OpenCV may hand back grey.
+    if _jpeg_components(data) in (1, 3) and data.endswith(b"\xff\xd9"):
         pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # EXIF orientation applied
         if pixels is not None and pixels.shape == (size, size, 3):
             return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
