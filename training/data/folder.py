@@ -40,11 +40,11 @@ def decode_image(data: bytes, source: str, size: int = INPUT_SIZE) -> np.ndarray
 
     A colour or greyscale JPEG already ``size`` a side (every record of a face dataset) is decoded by
     OpenCV: the pixels of the core (Pillow) decoder, bit for bit (both are libjpeg-turbo; a test holds
-    them equal; CMYK is converted differently, so it is left to the core decoder), in a
-    third of the time and with the GIL released throughout. The refined branch decodes its mined
-    images on threads while a training step launches its kernels, and Pillow's Python-side parsing
-    held that step up: on an H200 the step before a mining one took 170 ms instead of 58 (IR-50,
-    batch 256). Anything else, and any error, goes through the core decoder.
+    them equal; CMYK is converted differently, so it is left to the core decoder), with the GIL
+    released throughout. The refined branch decodes its mined images on threads while a training step
+    launches its kernels, and Pillow's Python-side parsing held those launches up (on an H200 the
+    refined branch's overhead came down to 1.25, ``benchmarks.train_step``). Anything else, and any
+    error, goes through the core decoder.
 
     ``source`` names the image in the error message (a path, a record key, a .bin index).
     """
