@@ -57,9 +57,9 @@ def test_corrupt_image_is_reported_when_read(tmp_path):
         dataset.load_images([0, 1], workers=2)
 
 
-def _jpeg(image: Image.Image, **options) -> bytes:
+def _encoded(image: Image.Image, format: str = "JPEG", **options) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90, **options)
+    image.save(buffer, format=format, **({"quality": 90} if format == "JPEG" else {}), **options)
     return buffer.getvalue()
 
 
@@ -75,14 +75,14 @@ def test_the_training_decoder_gives_the_core_decoders_pixels(face_photos):
     exif = turned.getexif()
     exif[0x0112] = 6  # orientation: rotated 90 degrees; both decoders must turn it upright
     cases = {
-        "photo 4:2:0": _jpeg(crop),
-        "photo 4:4:4": _jpeg(crop, subsampling=0),
-        "noise": _jpeg(noise),
-        "greyscale": _jpeg(crop.convert("L")),
-        "cmyk": _jpeg(crop.convert("CMYK")),
-        "exif orientation": _jpeg(turned, exif=exif),
-        "larger, resized": _jpeg(photo),
-        "png": _png(crop),
+        "photo 4:2:0": _encoded(crop),
+        "photo 4:4:4": _encoded(crop, subsampling=0),
+        "noise": _encoded(noise),
+        "greyscale": _encoded(crop.convert("L")),
+        "cmyk": _encoded(crop.convert("CMYK")),
+        "exif orientation": _encoded(turned, exif=exif),
+        "larger, resized": _encoded(photo),
+        "png": _encoded(crop, "PNG"),
     }
     # The fast path is taken where it should be (else the equality below would hold trivially).
     assert {name for name, data in cases.items() if _jpeg_components(data) in (1, 3) and data.endswith(b"\xff\xd9")} == {
@@ -94,15 +94,9 @@ def test_the_training_decoder_gives_the_core_decoders_pixels(face_photos):
         assert np.array_equal(got, expected), f"{name}: differs by up to {np.abs(got.astype(int) - expected).max()}"
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_a_jpeg_cut_short_is_an_error_or_the_core_decoders_pixels_never_made_up_ones():
     rng = np.random.default_rng(1)
-    whole = _jpeg(Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)))
+    whole = _encoded(Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)))
     with pytest.raises(CdfaceError, match="cannot decode image record 7"):
         decode_image(whole[: len(whole) // 2], "record 7")
     cut = whole[:-2]  # every scan present, the end marker gone
